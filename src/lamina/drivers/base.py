@@ -1,0 +1,398 @@
+"""The snapshot lifecycle shared by every driver, on the metadata store.
+
+Each mutating operation runs in phases:
+
+1. validate the request;
+2. read the current state in a read transaction (cheap early errors);
+3. build the new directory under a locked temporary name `.new-*`, outside
+   any transaction, so slow work (a native copy) blocks no other process;
+4. in one write transaction: check again, write the metadata, rename the
+   directory to `snapshots/ID`; the rename is the last step before COMMIT;
+5. after COMMIT, best-effort tidying (the work directory of a committed
+   snapshot, the directory of a removed one).
+
+A crash between 4's rename and COMMIT leaves `snapshots/ID` with no record;
+a crash in 5 leaves a directory no record owns. `cleanup` removes both.
+Drivers differ only in how they fill a new directory and which mounts they
+return.
+"""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+from lamina.drivers import dirs
+from lamina.errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    InternalError,
+    LaminaError,
+    UnavailableError,
+)
+from lamina.metadata.store import MetadataStore, SnapshotRecord, Transaction, ns_to_datetime
+from lamina.snapshots.filters import Matcher, parse_filters
+from lamina.snapshots.types import Info, Kind, Mount, Usage
+from lamina.snapshots.validation import validate_key, validate_labels
+
+log = logging.getLogger(__name__)
+
+WALK_BATCH = 500
+
+# Tests set LAMINA_CRASH_POINT to a phase name to kill the process right
+# there with SIGKILL, which proves a crash at that point leaves the store
+# consistent. Read once, so production calls cost a string comparison.
+_CRASH_POINT = os.environ.get("LAMINA_CRASH_POINT", "")
+
+
+def crash_point(name: str) -> None:
+    if _CRASH_POINT and name == _CRASH_POINT:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass(frozen=True)
+class SnapshotDirs:
+    """Host paths of one snapshot: its own directory and its parents', nearest first."""
+
+    snapshot_id: int
+    kind: Kind
+    fs: Path
+    work: Path | None
+    parents: tuple[Path, ...]
+
+
+class LayerSnapshotter:
+    """A snapshotter on ROOT: a metadata store plus one directory per snapshot.
+
+    Thread-safe: the store opens one SQLite connection per thread, and the
+    directory work of concurrent calls never touches the same path.
+    """
+
+    driver_name = "base"
+
+    def __init__(self, root: str | Path, *, lock_timeout: float | None = None) -> None:
+        self.root = Path(root).absolute()
+        self.snapshots_dir = self.root / "snapshots"
+        try:
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.snapshots_dir.mkdir(mode=0o700, exist_ok=True)
+        except OSError as err:
+            raise InternalError(
+                f"cannot create snapshotter root {self.root}: {err.strerror}; check the path "
+                "and its permissions",
+                subject=str(self.root),
+            ) from err
+        kwargs = {} if lock_timeout is None else {"lock_timeout": lock_timeout}
+        self.store = MetadataStore(self.root / "metadata.db", **kwargs)
+        log.debug("opened snapshotter root=%s driver=%s", self.root, self.driver_name)
+
+    # ------------------------------------------------------------ driver hooks
+
+    def _populate(self, new_dir: Path, kind: Kind, parents: Sequence[Path]) -> None:
+        """Fill a new snapshot directory: at least `fs`, and `work` where needed."""
+        raise NotImplementedError
+
+    def _mounts(self, kind: Kind, own: Path, parents: Sequence[Path]) -> builtins.list[Mount]:
+        """Return the mounts of a snapshot whose directory is OWN."""
+        raise NotImplementedError
+
+    def _check_depth(self, key: str, operation: str, depth: int) -> None:
+        """Reject a parent chain of DEPTH layers that this driver could not mount."""
+
+    def _usage(self, own: Path) -> Usage:
+        return dirs.disk_usage(own / "fs")
+
+    # ------------------------------------------------------------ paths
+
+    def _dir(self, snapshot_id: int) -> Path:
+        return self.snapshots_dir / str(snapshot_id)
+
+    def _parent_dirs(self, tx: Transaction, record: SnapshotRecord) -> builtins.list[Path]:
+        return [self._dir(parent.snapshot_id) / "fs" for parent in tx.ancestors(record)]
+
+    def snapshot_dirs(self, key: str) -> SnapshotDirs:
+        """Return the host directories of snapshot KEY (for appliers and diffs)."""
+        validate_key(key, "snapshot dirs")
+        with self.store.read("snapshot dirs") as tx:
+            record = tx.get(key, "snapshot dirs")
+            parents = self._parent_dirs(tx, record)
+        own = self._dir(record.snapshot_id)
+        work = own / "work" if record.kind is Kind.ACTIVE and (own / "work").is_dir() else None
+        return SnapshotDirs(record.snapshot_id, record.kind, own / "fs", work, tuple(parents))
+
+    # ------------------------------------------------------------ reads
+
+    def stat(self, key: str) -> Info:
+        validate_key(key, "stat")
+        with self.store.read("stat") as tx:
+            return tx.info(tx.get(key, "stat"))
+
+    def usage(self, key: str) -> Usage:
+        validate_key(key, "usage")
+        with self.store.read("usage") as tx:
+            record = tx.get(key, "usage")
+        stored = record.usage
+        if record.kind is Kind.COMMITTED and stored is not None:
+            return stored
+        return self._usage(self._dir(record.snapshot_id))
+
+    def mounts(self, key: str) -> builtins.list[Mount]:
+        validate_key(key, "mounts")
+        with self.store.read("mounts") as tx:
+            record = tx.get(key, "mounts")
+            if record.kind is Kind.COMMITTED:
+                raise FailedPreconditionError(
+                    f"mounts {key!r}: snapshot is Committed; prepare or view a child of it "
+                    "to mount it",
+                    subject=key,
+                )
+            parents = self._parent_dirs(tx, record)
+        return self._mounts(record.kind, self._dir(record.snapshot_id), parents)
+
+    def list(self, *filters: str) -> Iterator[Info]:
+        matcher = parse_filters(filters)
+        after = 0
+        while True:
+            batch = self._page(matcher, after)
+            if not batch:
+                return
+            after = batch[-1][0]
+            for _, info in batch:
+                if matcher.match(info):
+                    yield info
+
+    def _page(self, matcher: Matcher, after: int) -> builtins.list[tuple[int, Info]]:
+        required = matcher.required_label()
+        with self.store.read("walk") as tx:
+            if required is not None:
+                rows = tx.page_with_label(required[0], required[1], after, WALK_BATCH)
+            else:
+                rows = tx.page(after, WALK_BATCH)
+            return [
+                (
+                    record.snapshot_id,
+                    Info(
+                        name=record.key,
+                        kind=record.kind,
+                        parent=record.parent,
+                        labels=labels,
+                        created=ns_to_datetime(record.created),
+                        updated=ns_to_datetime(record.updated),
+                    ),
+                )
+                for record, labels in rows
+            ]
+
+    def walk(self, fn: Callable[[Info], object], *filters: str) -> None:
+        # Pages are read in their own short transactions and FN runs outside
+        # them, so FN may call stat or even write.
+        for info in self.list(*filters):
+            fn(info)
+
+    # ------------------------------------------------------------ creation
+
+    def prepare(
+        self, key: str, parent: str = "", labels: Mapping[str, str] | None = None
+    ) -> builtins.list[Mount]:
+        return self._create(Kind.ACTIVE, key, parent, labels or {}, "prepare")
+
+    def view(
+        self, key: str, parent: str = "", labels: Mapping[str, str] | None = None
+    ) -> builtins.list[Mount]:
+        return self._create(Kind.VIEW, key, parent, labels or {}, "view")
+
+    def _create(
+        self, kind: Kind, key: str, parent: str, labels: Mapping[str, str], operation: str
+    ) -> builtins.list[Mount]:
+        started = time.monotonic()
+        validate_key(key, operation)
+        if parent:
+            validate_key(parent, operation, "parent")
+        validate_labels(labels, operation, key)
+
+        with self.store.read(operation) as tx:
+            # The same checks run again under the write lock; these fail early
+            # before any directory work.
+            if tx.find(key) is not None:
+                raise AlreadyExistsError(
+                    f"{operation} {key!r}: snapshot already exists", subject=key
+                )
+            parent_dirs: builtins.list[Path] = []
+            if parent:
+                parent_record = tx.get(parent, operation)
+                if parent_record.kind is not Kind.COMMITTED:
+                    raise FailedPreconditionError(
+                        f"{operation} {key!r}: parent {parent!r} is {parent_record.kind}, "
+                        "only a Committed snapshot can be a parent",
+                        subject=key,
+                    )
+                parent_dirs = [self._dir(parent_record.snapshot_id) / "fs"]
+                parent_dirs += self._parent_dirs(tx, parent_record)
+        self._check_depth(key, operation, len(parent_dirs))
+
+        with ExitStack() as undo:
+            new = dirs.make_locked_dir(self.snapshots_dir)
+            undo.callback(new.release)
+            undo.callback(_remove_quietly, new)
+            self._populate(new.path, kind, parent_dirs)
+            crash_point(f"{operation}:populated")
+
+            with self.store.write(operation) as tx:
+                record = tx.create(key, kind, parent, labels, operation)
+                target = self._dir(record.snapshot_id)
+                self._clear_stale(target)
+                new.rename(target)
+                crash_point(f"{operation}:renamed")
+                dirs.fsync_dir(self.snapshots_dir)
+            crash_point(f"{operation}:committed")
+            undo.pop_all()
+            new.release()
+
+        log.debug(
+            "%s key=%r parent=%r snapshot_id=%d in %.1f ms",
+            operation,
+            key,
+            parent,
+            record.snapshot_id,
+            (time.monotonic() - started) * 1000,
+        )
+        return self._mounts(kind, target, parent_dirs)
+
+    def _clear_stale(self, target: Path) -> None:
+        # Only reachable when a crash left a renamed directory whose
+        # transaction rolled back, so SQLite handed the same id out again.
+        # Holding the write lock, no live operation owns that directory.
+        if os.path.lexists(target):
+            log.warning("removing stale directory path=%s left by an interrupted operation", target)
+            dirs.remove_tree(target)
+
+    # ------------------------------------------------------------ commit and remove
+
+    def commit(self, name: str, key: str, labels: Mapping[str, str] | None = None) -> None:
+        labels = labels or {}
+        validate_key(name, "commit", "name")
+        validate_key(key, "commit")
+        validate_labels(labels, "commit", key)
+
+        with self.store.read("commit") as tx:
+            record = tx.get(key, "commit")
+            committable = record.kind is Kind.ACTIVE and tx.find(name) is None
+        own = self._dir(record.snapshot_id)
+        # Measuring a large tree takes time, so it happens outside the write
+        # lock; the write transaction repeats the checks and raises the
+        # precise error when they fail.
+        usage = self._usage(own) if committable else Usage()
+
+        with self.store.write("commit") as tx:
+            current = tx.get(key, "commit")
+            if current.snapshot_id != record.snapshot_id:
+                raise UnavailableError(
+                    f"commit {key!r}: snapshot was removed and created again during the "
+                    "commit; retry",
+                    subject=key,
+                )
+            committed = tx.commit_active(key, name, labels, usage, "commit")
+            crash_point("commit:updated")
+        crash_point("commit:committed")
+
+        work = own / "work"
+        if work.exists():
+            try:
+                dirs.remove_tree(work)
+            except (OSError, LaminaError) as err:
+                log.warning(
+                    "commit name=%r snapshot_id=%d: could not remove work directory: %s",
+                    name,
+                    committed.snapshot_id,
+                    err,
+                )
+        log.debug("commit key=%r name=%r snapshot_id=%d", key, name, committed.snapshot_id)
+
+    def remove(self, key: str) -> None:
+        validate_key(key, "remove")
+        with self.store.write("remove") as tx:
+            record = tx.remove(key, "remove")
+            crash_point("remove:deleted")
+        crash_point("remove:committed")
+        try:
+            dirs.retire_dir(self._dir(record.snapshot_id))
+        except (OSError, LaminaError) as err:
+            log.warning(
+                "remove key=%r snapshot_id=%d: directory left for cleanup: %s",
+                key,
+                record.snapshot_id,
+                err,
+            )
+        log.debug("remove key=%r snapshot_id=%d", key, record.snapshot_id)
+
+    def update(self, info: Info, *fieldpaths: str) -> Info:
+        validate_key(info.name, "update")
+        validate_labels(info.labels, "update", info.name)
+        with self.store.write("update") as tx:
+            record = tx.update_labels(info.name, info.labels, fieldpaths, "update")
+            return tx.info(record)
+
+    # ------------------------------------------------------------ cleanup
+
+    def cleanup(self) -> builtins.list[str]:
+        """Remove every directory under ROOT/snapshots that no snapshot owns.
+
+        That is: `.new-*` directories of crashed operations, `.old-*` ones of
+        interrupted removals, numbered directories without a record, and work
+        directories of committed snapshots. Directories locked by a live
+        operation are left alone.
+        """
+        removed: builtins.list[str] = []
+        doomed: builtins.list[tuple[Path, dirs.LockedDir | None]] = []
+        with self.store.write("cleanup") as tx:
+            # The write lock keeps every rename into snapshots/ID away while
+            # the directory list is read.
+            owned = tx.snapshot_ids()
+            committed = tx.committed_ids()
+            for entry in os.scandir(self.snapshots_dir):
+                path = Path(entry.path)
+                if entry.name.isdigit() and int(entry.name) in owned:
+                    if int(entry.name) in committed and (path / "work").is_dir():
+                        doomed.append((path / "work", None))
+                    continue
+                if not entry.is_dir(follow_symlinks=False):
+                    doomed.append((path, None))
+                    continue
+                holder = dirs.try_lock_dir(path)
+                if holder is None:
+                    log.debug("cleanup: path=%s is in use by a live operation, skipped", path)
+                    continue
+                doomed.append((path, holder))
+
+        for path, holder in doomed:
+            try:
+                if path.is_dir() and not path.is_symlink():
+                    dirs.remove_tree(path)
+                else:
+                    path.unlink()
+                removed.append(str(path))
+            except (OSError, LaminaError) as err:
+                log.error("cleanup: could not remove path=%s: %s", path, err)
+            finally:
+                if holder is not None:
+                    holder.release()
+        if removed:
+            log.info("cleanup removed %d paths under %s", len(removed), self.snapshots_dir)
+        return removed
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def _remove_quietly(new: dirs.LockedDir) -> None:
+    try:
+        dirs.remove_tree(new.path)
+    except (OSError, LaminaError) as err:
+        log.warning("could not remove unfinished directory path=%s: %s", new.path, err)
