@@ -68,6 +68,10 @@ class UnavailableError(LaminaError):
     exit_code = 7
 
 
+class NoSpaceError(UnavailableError):
+    """The filesystem under the root is full; the request may succeed once space is freed."""
+
+
 class UnimplementedError(LaminaError):
     """The operation is not supported by this driver or build."""
 

@@ -237,7 +237,7 @@ class LayerSnapshotter:
                 parent_dirs += self._parent_dirs(tx, parent_record)
         self._check_depth(key, operation, len(parent_dirs))
 
-        with ExitStack() as undo:
+        with dirs.os_errors(operation, key), ExitStack() as undo:
             new = dirs.make_locked_dir(self.snapshots_dir)
             undo.callback(new.release)
             undo.callback(_remove_quietly, new)
@@ -288,7 +288,8 @@ class LayerSnapshotter:
         # Measuring a large tree takes time, so it happens outside the write
         # lock; the write transaction repeats the checks and raises the
         # precise error when they fail.
-        usage = self._usage(own) if committable else Usage()
+        with dirs.os_errors("commit", key):
+            usage = self._usage(own) if committable else Usage()
 
         with self.store.write("commit") as tx:
             current = tx.get(key, "commit")

@@ -15,10 +15,12 @@ import os
 import secrets
 import shutil
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 
-from lamina.errors import InternalError
+from lamina.errors import InternalError, NoSpaceError
 from lamina.snapshots.types import Usage
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,23 @@ class LockedDir:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+@contextmanager
+def os_errors(operation: str, key: str) -> Iterator[None]:
+    """Turn an OSError of directory work into the Lamina error a caller can act on."""
+    try:
+        yield
+    except OSError as err:
+        where = f" at {err.filename}" if err.filename else ""
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise NoSpaceError(
+                f"{operation} {key!r}: no space left on device{where}; free space and retry",
+                subject=key,
+            ) from err
+        raise InternalError(
+            f"{operation} {key!r}: {err.strerror or err}{where}", subject=key
+        ) from err
 
 
 def make_locked_dir(parent: Path) -> LockedDir:

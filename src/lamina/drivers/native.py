@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lamina.drivers.base import LayerSnapshotter
-from lamina.errors import InternalError
+from lamina.errors import InternalError, NoSpaceError
 from lamina.snapshots.types import Kind, Mount
 
 
@@ -48,6 +48,11 @@ def copy_tree(source: Path, target: Path) -> None:
         check=False,
     )
     if result.returncode != 0:
+        if "No space left" in result.stderr or "quota exceeded" in result.stderr.lower():
+            raise NoSpaceError(
+                f"copy {source} to {target}: no space left on device; free space and retry",
+                subject=str(target),
+            )
         raise InternalError(
             f"copy {source} to {target} failed: {result.stderr.strip()}; check free space "
             "and that the filesystem supports xattrs",

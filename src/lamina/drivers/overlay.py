@@ -19,6 +19,7 @@ from pathlib import Path
 from lamina import kernel
 from lamina.drivers.base import LayerSnapshotter
 from lamina.errors import FailedPreconditionError
+from lamina.mount import escape_overlay_dir
 from lamina.snapshots.types import Kind, Mount
 
 
@@ -71,5 +72,6 @@ class OverlaySnapshotter(LayerSnapshotter):
         if kind is Kind.ACTIVE:
             options.append(f"workdir={own / 'work'}")
             options.append(f"upperdir={fs}")
-        options.append("lowerdir=" + ":".join(str(p) for p in parents))
+        # A colon separates layers, so one inside a path is escaped.
+        options.append("lowerdir=" + ":".join(escape_overlay_dir(str(p)) for p in parents))
         return [Mount("overlay", "overlay", tuple(options))]

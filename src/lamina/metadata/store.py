@@ -30,6 +30,7 @@ from lamina.errors import (
     FailedPreconditionError,
     InternalError,
     InvalidArgumentError,
+    NoSpaceError,
     NotFoundError,
     UnavailableError,
 )
@@ -379,6 +380,12 @@ class MetadataStore:
 
     def _translate(self, err: sqlite3.OperationalError, operation: str) -> Exception:
         text = str(err)
+        if "disk is full" in text:
+            return NoSpaceError(
+                f"{operation}: no space left for metadata store {self.path}; free space "
+                "and retry",
+                subject=str(self.path),
+            )
         if "locked" in text or "busy" in text:
             return UnavailableError(
                 f"{operation}: metadata store {self.path} stayed locked by another process "
@@ -398,14 +405,22 @@ class MetadataStore:
             raise self._translate(err, operation) from err
         try:
             yield Transaction(conn, writable)
+        except sqlite3.OperationalError as err:
+            self._rollback(conn)
+            raise self._translate(err, operation) from err
         except BaseException:
-            conn.execute("ROLLBACK")
+            self._rollback(conn)
             raise
         try:
             conn.execute("COMMIT")
         except sqlite3.OperationalError as err:
-            conn.execute("ROLLBACK")
+            self._rollback(conn)
             raise self._translate(err, operation) from err
+
+    def _rollback(self, conn: sqlite3.Connection) -> None:
+        # SQLite may have rolled back already (after a full disk, for one).
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
 
     def read(self, operation: str = "read") -> AbstractContextManager[Transaction]:
         """Open a read transaction; it sees one consistent state of the store."""
