@@ -12,6 +12,7 @@ import errno
 import fcntl
 import logging
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -110,12 +111,10 @@ def remove_tree(path: Path) -> None:
     A directory with a mount inside is left in place and reported, because
     removing through the mount would delete data that is not the snapshot's.
     """
-    from lamina.mount import mounts_under
-
-    mounted = mounts_under(path)
-    if mounted:
+    mounted = first_mount_under(path)
+    if mounted is not None:
         raise InternalError(
-            f"cannot remove {path}: {mounted[0]} is mounted inside it; unmount it and "
+            f"cannot remove {path}: {mounted} is mounted inside it; unmount it and "
             "run 'lamina snapshots cleanup'",
             subject=str(path),
         )
@@ -137,6 +136,30 @@ def remove_tree(path: Path) -> None:
 
     # NOTE: Python 3.11's rmtree takes `onerror`; `onexc` arrived in 3.12.
     shutil.rmtree(path, onerror=make_writable_and_retry)
+
+
+def first_mount_under(path: Path) -> str | None:
+    """Return a mount point at or below PATH, or None; cheap enough for every removal.
+
+    lamina.mount.mounts_under gives the full sorted list; this scans
+    /proc/self/mountinfo once and stops at the first hit.
+    """
+    top = os.fsencode(os.path.abspath(path))
+    with open("/proc/self/mountinfo", "rb") as mountinfo:
+        data = mountinfo.read()
+    if top not in data and b"\\" not in data:
+        return None
+    for line in data.splitlines():
+        fields = line.split(b" ", 5)
+        if len(fields) < 5:
+            continue
+        point = fields[4]
+        if b"\\" in point:
+            # mountinfo writes space, tab, newline and backslash as \ooo.
+            point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), point)
+        if point == top or point.startswith(top + b"/"):
+            return os.fsdecode(point)
+    return None
 
 
 def retire_dir(path: Path) -> None:
