@@ -35,6 +35,7 @@ from lamina.errors import (
     FailedPreconditionError,
     InternalError,
     LaminaError,
+    NotFoundError,
     UnavailableError,
 )
 from lamina.metadata.store import MetadataStore, SnapshotRecord, Transaction, ns_to_datetime
@@ -95,7 +96,7 @@ class LayerSnapshotter:
 
     # ------------------------------------------------------------ driver hooks
 
-    def _populate(self, new_dir: Path, kind: Kind, parents: Sequence[Path]) -> None:
+    def _populate(self, new: dirs.LockedDir, kind: Kind, parents: Sequence[Path]) -> None:
         """Fill a new snapshot directory: at least `fs`, and `work` where needed."""
         raise NotImplementedError
 
@@ -241,7 +242,12 @@ class LayerSnapshotter:
             new = dirs.make_locked_dir(self.snapshots_dir)
             undo.callback(new.release)
             undo.callback(_remove_quietly, new)
-            self._populate(new.path, kind, parent_dirs)
+            try:
+                self._populate(new, kind, parent_dirs)
+            except (LaminaError, OSError):
+                if parent:
+                    self._check_parent_unchanged(key, parent, parent_dirs[0], operation)
+                raise
             crash_point(f"{operation}:populated")
 
             with self.store.write(operation) as tx:
@@ -264,6 +270,21 @@ class LayerSnapshotter:
             (time.monotonic() - started) * 1000,
         )
         return self._mounts(kind, target, parent_dirs)
+
+    def _check_parent_unchanged(
+        self, key: str, parent: str, parent_fs: Path, operation: str
+    ) -> None:
+        # Filling the directory reads the parent's layers outside any
+        # transaction; a concurrent remove of the parent is a NotFoundError
+        # for this request, not an internal failure.
+        with self.store.read(operation) as tx:
+            record = tx.find(parent)
+            if record is None or self._dir(record.snapshot_id) / "fs" != parent_fs:
+                raise NotFoundError(
+                    f"{operation} {key!r}: parent {parent!r} was removed while the snapshot "
+                    "was being created",
+                    subject=key,
+                )
 
     def _clear_stale(self, target: Path) -> None:
         # Only reachable when a crash left a renamed directory whose

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from lamina import kernel
 from lamina.drivers.base import LayerSnapshotter
+from lamina.drivers.dirs import LockedDir
 from lamina.errors import FailedPreconditionError
 from lamina.mount import escape_overlay_dir
 from lamina.snapshots.types import Kind, Mount
@@ -42,11 +43,14 @@ class OverlaySnapshotter(LayerSnapshotter):
                 subject=key,
             )
 
-    def _populate(self, new_dir: Path, kind: Kind, parents: Sequence[Path]) -> None:
-        fs = new_dir / "fs"
-        fs.mkdir(0o755)
+    def _populate(self, new: LockedDir, kind: Kind, parents: Sequence[Path]) -> None:
+        fs = new.path / "fs"
+        fs.mkdir()
+        # chmod, not the mkdir mode, so that the umask cannot narrow the
+        # root of a container's filesystem.
+        os.chmod(fs, 0o755)
         if kind is Kind.ACTIVE:
-            (new_dir / "work").mkdir(0o711)
+            (new.path / "work").mkdir(0o711)
         if parents:
             # The merged root takes its owner and mode from the upper
             # directory, so start it as the nearest layer's root.

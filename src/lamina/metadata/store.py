@@ -295,11 +295,13 @@ class Transaction:
         self._require_writable()
         record = self.get(key, operation)
         current = self.labels(record.snapshot_id)
+        # An empty value never becomes a label; it deletes one.
+        replacement = {name: value for name, value in labels.items() if value}
         if not fieldpaths:
-            current = dict(labels)
+            current = replacement
         for path in fieldpaths:
             if path == "labels":
-                current = dict(labels)
+                current = dict(replacement)
             elif path.startswith("labels.") and len(path) > len("labels."):
                 label = path[len("labels.") :]
                 value = labels.get(label, "")

@@ -77,7 +77,8 @@ def _field(info: Info, path: tuple[str, ...]) -> tuple[bool, str]:
     if head == "name":
         return True, info.name
     if head == "parent":
-        return info.parent != "", info.parent
+        # Always present, "" for no parent, as in containerd.
+        return True, info.parent
     if head == "kind":
         return True, str(info.kind)
     return False, ""

@@ -1,0 +1,80 @@
+"""The `lamina` command: argument parsing, logging set-up and error reporting.
+
+Each command group lives in its own module with a `register` function that
+adds its sub-commands; a command handler takes the parsed arguments and
+returns the exit status. Errors reach the user as one line on stderr and the
+exit status of their class (lamina.errors.CODES); a traceback only with
+`--log-level debug`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from lamina import __version__
+from lamina.cli import serve, snapshots
+from lamina.cli.common import DEFAULT_ROOT, add_global_options
+from lamina.errors import LaminaError
+
+log = logging.getLogger("lamina.cli")
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lamina",
+        description="Lamina: copy-on-write snapshots of container filesystems.",
+        epilog=f"The store lives in --root (default $LAMINA_ROOT, else {DEFAULT_ROOT}).",
+    )
+    parser.add_argument("--version", action="version", version=f"lamina {__version__}")
+    add_global_options(parser, suppress=False)
+    # Leaf commands accept the same options after the command name too; those
+    # copies default to "absent" so they never hide a value given earlier.
+    common = argparse.ArgumentParser(add_help=False)
+    add_global_options(common, suppress=True)
+
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+    snapshots.register(commands, common)
+    serve.register(commands)
+    return parser
+
+
+def configure_logging(level_name: str) -> None:
+    level = getattr(logging, level_name.upper(), None)
+    if not isinstance(level, int):
+        level = logging.WARNING
+    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.log_level)
+    debug = args.log_level.lower() == "debug"
+    try:
+        status: int = args.handler(args)
+        return status
+    except LaminaError as err:
+        if debug:
+            log.exception("%s failed", args.command)
+        print(f"lamina: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except BrokenPipeError:
+        # The reader of the output went away (`lamina snapshots ls | head`).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except OSError as err:
+        if debug:
+            log.exception("%s failed", args.command)
+        where = f" {err.filename}:" if err.filename else ""
+        print(f"lamina: error:{where} {err.strerror or err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("lamina: interrupted", file=sys.stderr)
+        return 130
