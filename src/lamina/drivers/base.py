@@ -81,6 +81,7 @@ class LayerSnapshotter:
     def __init__(self, root: str | Path, *, lock_timeout: float | None = None) -> None:
         self.root = Path(root).absolute()
         self.snapshots_dir = self.root / "snapshots"
+        self._snapshots_prefix = f"{self.snapshots_dir}/"
         try:
             self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
             self.snapshots_dir.mkdir(mode=0o700, exist_ok=True)
@@ -96,11 +97,11 @@ class LayerSnapshotter:
 
     # ------------------------------------------------------------ driver hooks
 
-    def _populate(self, new: dirs.LockedDir, kind: Kind, parents: Sequence[Path]) -> None:
+    def _populate(self, new: dirs.LockedDir, kind: Kind, parents: Sequence[str]) -> None:
         """Fill a new snapshot directory: at least `fs`, and `work` where needed."""
         raise NotImplementedError
 
-    def _mounts(self, kind: Kind, own: Path, parents: Sequence[Path]) -> builtins.list[Mount]:
+    def _mounts(self, kind: Kind, own: Path, parents: Sequence[str]) -> builtins.list[Mount]:
         """Return the mounts of a snapshot whose directory is OWN."""
         raise NotImplementedError
 
@@ -115,8 +116,12 @@ class LayerSnapshotter:
     def _dir(self, snapshot_id: int) -> Path:
         return self.snapshots_dir / str(snapshot_id)
 
-    def _parent_dirs(self, tx: Transaction, record: SnapshotRecord) -> builtins.list[Path]:
-        return [self._dir(parent.snapshot_id) / "fs" for parent in tx.ancestors(record)]
+    def _fs(self, snapshot_id: int) -> str:
+        # Plain strings: a 500-layer chain makes 500 of these per request.
+        return f"{self._snapshots_prefix}{snapshot_id}/fs"
+
+    def _parent_dirs(self, tx: Transaction, record: SnapshotRecord) -> builtins.list[str]:
+        return [self._fs(snapshot_id) for snapshot_id in tx.ancestor_ids(record)]
 
     def snapshot_dirs(self, key: str) -> SnapshotDirs:
         """Return the host directories of snapshot KEY (for appliers and diffs)."""
@@ -126,7 +131,9 @@ class LayerSnapshotter:
             parents = self._parent_dirs(tx, record)
         own = self._dir(record.snapshot_id)
         work = own / "work" if record.kind is Kind.ACTIVE and (own / "work").is_dir() else None
-        return SnapshotDirs(record.snapshot_id, record.kind, own / "fs", work, tuple(parents))
+        return SnapshotDirs(
+            record.snapshot_id, record.kind, own / "fs", work, tuple(Path(p) for p in parents)
+        )
 
     # ------------------------------------------------------------ reads
 
@@ -225,7 +232,7 @@ class LayerSnapshotter:
                 raise AlreadyExistsError(
                     f"{operation} {key!r}: snapshot already exists", subject=key
                 )
-            parent_dirs: builtins.list[Path] = []
+            parent_dirs: builtins.list[str] = []
             if parent:
                 parent_record = tx.get(parent, operation)
                 if parent_record.kind is not Kind.COMMITTED:
@@ -234,7 +241,7 @@ class LayerSnapshotter:
                         "only a Committed snapshot can be a parent",
                         subject=key,
                     )
-                parent_dirs = [self._dir(parent_record.snapshot_id) / "fs"]
+                parent_dirs = [self._fs(parent_record.snapshot_id)]
                 parent_dirs += self._parent_dirs(tx, parent_record)
         self._check_depth(key, operation, len(parent_dirs))
 
@@ -272,14 +279,14 @@ class LayerSnapshotter:
         return self._mounts(kind, target, parent_dirs)
 
     def _check_parent_unchanged(
-        self, key: str, parent: str, parent_fs: Path, operation: str
+        self, key: str, parent: str, parent_fs: str, operation: str
     ) -> None:
         # Filling the directory reads the parent's layers outside any
         # transaction; a concurrent remove of the parent is a NotFoundError
         # for this request, not an internal failure.
         with self.store.read(operation) as tx:
             record = tx.find(parent)
-            if record is None or self._dir(record.snapshot_id) / "fs" != parent_fs:
+            if record is None or self._fs(record.snapshot_id) != parent_fs:
                 raise NotFoundError(
                     f"{operation} {key!r}: parent {parent!r} was removed while the snapshot "
                     "was being created",

@@ -23,7 +23,7 @@ class NativeSnapshotter(LayerSnapshotter):
     driver_name = "native"
     userxattr = False
 
-    def _populate(self, new: LockedDir, kind: Kind, parents: Sequence[Path]) -> None:
+    def _populate(self, new: LockedDir, kind: Kind, parents: Sequence[str]) -> None:
         fs = new.path / "fs"
         if not parents:
             fs.mkdir()
@@ -31,9 +31,9 @@ class NativeSnapshotter(LayerSnapshotter):
             return
         # cp inherits the lock, so that if this process is killed, cleanup
         # leaves the directory alone until cp has finished too.
-        copy_tree(parents[0], fs, keep_fds=(new.fd,))
+        copy_tree(Path(parents[0]), fs, keep_fds=(new.fd,))
 
-    def _mounts(self, kind: Kind, own: Path, parents: Sequence[Path]) -> list[Mount]:
+    def _mounts(self, kind: Kind, own: Path, parents: Sequence[str]) -> list[Mount]:
         access = "rw" if kind is Kind.ACTIVE else "ro"
         return [Mount("bind", str(own / "fs"), (access, "rbind"))]
 

@@ -43,7 +43,7 @@ class OverlaySnapshotter(LayerSnapshotter):
                 subject=key,
             )
 
-    def _populate(self, new: LockedDir, kind: Kind, parents: Sequence[Path]) -> None:
+    def _populate(self, new: LockedDir, kind: Kind, parents: Sequence[str]) -> None:
         fs = new.path / "fs"
         fs.mkdir()
         # chmod, not the mkdir mode, so that the umask cannot narrow the
@@ -58,13 +58,13 @@ class OverlaySnapshotter(LayerSnapshotter):
             os.lchown(fs, parent_root.st_uid, parent_root.st_gid)
             os.chmod(fs, parent_root.st_mode & 0o7777)
 
-    def _mounts(self, kind: Kind, own: Path, parents: Sequence[Path]) -> list[Mount]:
+    def _mounts(self, kind: Kind, own: Path, parents: Sequence[str]) -> list[Mount]:
         fs = str(own / "fs")
         if not parents:
             access = "rw" if kind is Kind.ACTIVE else "ro"
             return [Mount("bind", fs, (access, "rbind"))]
         if kind is Kind.VIEW and len(parents) == 1:
-            return [Mount("bind", str(parents[0]), ("ro", "rbind"))]
+            return [Mount("bind", parents[0], ("ro", "rbind"))]
 
         options: list[str] = []
         if kernel.overlay_has_index_param():
@@ -77,5 +77,5 @@ class OverlaySnapshotter(LayerSnapshotter):
             options.append(f"workdir={own / 'work'}")
             options.append(f"upperdir={fs}")
         # A colon separates layers, so one inside a path is escaped.
-        options.append("lowerdir=" + ":".join(escape_overlay_dir(str(p)) for p in parents))
+        options.append("lowerdir=" + ":".join(escape_overlay_dir(p) for p in parents))
         return [Mount("overlay", "overlay", tuple(options))]

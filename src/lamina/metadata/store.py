@@ -131,25 +131,23 @@ class Transaction:
             updated=ns_to_datetime(record.updated),
         )
 
-    def ancestors(self, record: SnapshotRecord) -> list[SnapshotRecord]:
-        """Return the parent chain of RECORD, nearest parent first."""
+    def ancestor_ids(self, record: SnapshotRecord) -> list[int]:
+        """Return the ids of RECORD's parent chain, nearest parent first."""
         if record.parent_id is None:
             return []
         rows = self.conn.execute(
-            f"""
+            """
             WITH RECURSIVE chain(id, depth) AS (
                 SELECT ?, 0
                 UNION ALL
                 SELECT s.parent_id, chain.depth + 1 FROM snapshots AS s
                 JOIN chain ON s.id = chain.id WHERE s.parent_id IS NOT NULL
             )
-            SELECT {_RECORD_COLUMNS} FROM chain JOIN snapshots AS s ON s.id = chain.id
-            LEFT JOIN snapshots AS p ON p.id = s.parent_id
-            ORDER BY chain.depth
+            SELECT id FROM chain ORDER BY depth
             """,
             (record.parent_id,),
         ).fetchall()
-        return [_record(row) for row in rows]
+        return [row[0] for row in rows]
 
     def has_children(self, snapshot_id: int) -> bool:
         row = self.conn.execute(
