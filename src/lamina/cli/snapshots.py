@@ -12,6 +12,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from lamina import mount as mounting
+from lamina.cli import archive
 from lamina.cli.common import (
     human_size,
     info_json,
@@ -96,6 +97,7 @@ def register(
     parser.add_argument("labels", nargs="*", metavar="NAME=VALUE")
 
     add("cleanup", cleanup, "remove directories no snapshot owns")
+    archive.register_snapshot_commands(sub, common)
 
     parser = commands.add_parser(
         "mount", help="mount an Active or View snapshot at a directory", parents=[common]
