@@ -22,6 +22,7 @@ from __future__ import annotations
 import builtins
 import logging
 import os
+import secrets
 import signal
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -46,6 +47,7 @@ from lamina.snapshots.validation import validate_key, validate_labels
 log = logging.getLogger(__name__)
 
 WALK_BATCH = 500
+COMMIT_ATTEMPTS = 3
 
 # Tests set LAMINA_CRASH_POINT to a phase name to kill the process right
 # there with SIGKILL, which proves a crash at that point leaves the store
@@ -309,26 +311,32 @@ class LayerSnapshotter:
         validate_key(key, "commit")
         validate_labels(labels, "commit", key)
 
-        with self.store.read("commit") as tx:
-            record = tx.get(key, "commit")
-            committable = record.kind is Kind.ACTIVE and tx.find(name) is None
-        own = self._dir(record.snapshot_id)
         # Measuring a large tree takes time, so it happens outside the write
-        # lock; the write transaction repeats the checks and raises the
-        # precise error when they fail.
-        with dirs.os_errors("commit", key):
-            usage = self._usage(own) if committable else Usage()
+        # lock. If another client removed KEY and prepared it again in the
+        # meantime, the measurement belongs to the old directory: measure the
+        # new one, a bounded number of times.
+        for _ in range(COMMIT_ATTEMPTS):
+            with self.store.read("commit") as tx:
+                record = tx.get(key, "commit")
+            own = self._dir(record.snapshot_id)
+            with dirs.os_errors("commit", key):
+                usage = self._usage(own) if record.kind is Kind.ACTIVE else Usage()
 
-        with self.store.write("commit") as tx:
-            current = tx.get(key, "commit")
-            if current.snapshot_id != record.snapshot_id:
-                raise UnavailableError(
-                    f"commit {key!r}: snapshot was removed and created again during the "
-                    "commit; retry",
-                    subject=key,
-                )
-            committed = tx.commit_active(key, name, labels, usage, "commit")
-            crash_point("commit:updated")
+            with self.store.write("commit") as tx:
+                current = tx.get(key, "commit")
+                if current.snapshot_id != record.snapshot_id:
+                    log.debug("commit key=%r: snapshot was replaced while measured, retrying", key)
+                    continue
+                # Raises the precise error when KEY is not Active or NAME exists.
+                committed = tx.commit_active(key, name, labels, usage, "commit")
+                crash_point("commit:updated")
+            break
+        else:
+            raise UnavailableError(
+                f"commit {key!r}: the snapshot was removed and prepared again "
+                f"{COMMIT_ATTEMPTS} times during the commit; retry",
+                subject=key,
+            )
         crash_point("commit:committed")
 
         work = own / "work"
@@ -379,7 +387,8 @@ class LayerSnapshotter:
         operation are left alone.
         """
         removed: builtins.list[str] = []
-        doomed: builtins.list[tuple[Path, dirs.LockedDir | None]] = []
+        # (path reported, path to delete, lock held on it)
+        doomed: builtins.list[tuple[Path, Path, dirs.LockedDir | None]] = []
         with self.store.write("cleanup") as tx:
             # The write lock keeps every rename into snapshots/ID away while
             # the directory list is read.
@@ -389,24 +398,29 @@ class LayerSnapshotter:
                 path = Path(entry.path)
                 if entry.name.isdigit() and int(entry.name) in owned:
                     if int(entry.name) in committed and (path / "work").is_dir():
-                        doomed.append((path / "work", None))
+                        doomed.append((path / "work", path / "work", None))
                     continue
                 if not entry.is_dir(follow_symlinks=False):
-                    doomed.append((path, None))
+                    doomed.append((path, path, None))
                     continue
                 holder = dirs.try_lock_dir(path)
                 if holder is None:
                     log.debug("cleanup: path=%s is in use by a live operation, skipped", path)
                     continue
-                doomed.append((path, holder))
+                if entry.name.isdigit():
+                    # Move a numbered orphan aside under the lock: a crash may
+                    # let SQLite hand its id out again once the lock is gone.
+                    aside = f"{dirs.OLD_PREFIX}{entry.name}-{secrets.token_hex(4)}"
+                    holder.rename(self.snapshots_dir / aside)
+                doomed.append((path, holder.path, holder))
 
-        for path, holder in doomed:
+        for reported, path, holder in doomed:
             try:
                 if path.is_dir() and not path.is_symlink():
                     dirs.remove_tree(path)
                 else:
                     path.unlink()
-                removed.append(str(path))
+                removed.append(str(reported))
             except (OSError, LaminaError) as err:
                 log.error("cleanup: could not remove path=%s: %s", path, err)
             finally:

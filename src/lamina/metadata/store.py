@@ -16,6 +16,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -92,6 +93,20 @@ def _record(row: Sequence[object]) -> SnapshotRecord:
         size=size if isinstance(size, int) else None,
         inodes=inodes if isinstance(inodes, int) else None,
     )
+
+
+def _out_of_space(err: sqlite3.Error, path: Path) -> bool:
+    name = getattr(err, "sqlite_errorname", "")
+    if name == "SQLITE_FULL":
+        return True
+    # Creating or growing the -shm and -wal files on a full disk fails as an
+    # I/O error, not SQLITE_FULL; free space tells the two apart.
+    if name.startswith("SQLITE_IOERR"):
+        try:
+            return os.statvfs(path.parent).f_bavail == 0
+        except OSError:
+            return False
+    return False
 
 
 class Transaction:
@@ -359,6 +374,8 @@ class MetadataStore:
         except sqlite3.OperationalError as err:
             raise self._translate(err, "open") from err
         except sqlite3.DatabaseError as err:
+            if _out_of_space(err, self.path):
+                raise self._translate(err, "open") from err
             raise InternalError(
                 f"open metadata store {self.path}: {err}; run 'lamina fsck' or restore a backup",
                 subject=str(self.path),
@@ -378,9 +395,9 @@ class MetadataStore:
                 self._connections.append(conn)
         return conn
 
-    def _translate(self, err: sqlite3.OperationalError, operation: str) -> Exception:
+    def _translate(self, err: sqlite3.Error, operation: str) -> Exception:
         text = str(err)
-        if "disk is full" in text:
+        if _out_of_space(err, self.path):
             return NoSpaceError(
                 f"{operation}: no space left for metadata store {self.path}; free space "
                 "and retry",
