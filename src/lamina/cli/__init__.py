@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from lamina import __version__
-from lamina.cli import serve, snapshots
+from lamina.cli import fsck, images, serve, snapshots
 from lamina.cli.common import DEFAULT_ROOT, add_global_options
 from lamina.errors import LaminaError
 
@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
     snapshots.register(commands, common)
+    images.register(commands, common)
+    fsck.register(commands, common)
     serve.register(commands)
     return parser
 

@@ -366,7 +366,7 @@ class MetadataStore:
                 isolation_level=None,
                 check_same_thread=False,
             )
-            conn.execute("PRAGMA journal_mode = WAL")
+            self._enable_wal(conn)
             # NORMAL in WAL mode keeps the database consistent across a crash
             # of the process; a power loss may drop the last transactions.
             conn.execute("PRAGMA synchronous = NORMAL")
@@ -381,6 +381,23 @@ class MetadataStore:
                 subject=str(self.path),
             ) from err
         return conn
+
+    def _enable_wal(self, conn: sqlite3.Connection) -> None:
+        # Switching a new database to WAL needs an exclusive lock, and SQLite
+        # reports "locked" at once instead of calling the busy handler, so
+        # two processes opening a fresh root wait here, within the bound.
+        deadline = time.monotonic() + self.lock_timeout
+        delay = 0.005
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as err:
+                if "locked" not in str(err) or time.monotonic() >= deadline:
+                    raise
+                log.debug("metadata store %s: waiting to switch to WAL mode", self.path)
+                time.sleep(delay)
+                delay = min(delay * 2, 0.1)
 
     def _connection(self) -> sqlite3.Connection:
         if self._closed:
