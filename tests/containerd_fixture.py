@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import posixpath
 import shlex
 import shutil
@@ -33,9 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from images import images_dir
 from treecompare import EntryRecord, snapshot_tree
 
-IMAGES_DIR = Path(os.environ.get("LAMINA_IMAGES", Path.home() / ".cache" / "lamina-images"))
+IMAGES_DIR = images_dir()
 NAMESPACE = "test"
 START_TIMEOUT = 30.0
 CTR_TIMEOUT = 300.0

@@ -680,6 +680,124 @@ def mounts_under(path: Path) -> list[Path]:
     return [point for _, point in found]
 
 
+@dataclass(frozen=True)
+class MountEntry:
+    """One line of /proc/self/mountinfo (see proc(5))."""
+
+    mount_point: str
+    device: str
+    root: str
+    fstype: str
+    super_options: tuple[str, ...]
+
+    def overlay_dirs(self) -> list[str]:
+        """Return the upper, work and lower directories of an overlay mount."""
+        if self.fstype != "overlay":
+            return []
+        found: list[str] = []
+        for option in self.super_options:
+            name, _, value = option.partition("=")
+            if name in ("upperdir", "workdir"):
+                found.append(value)
+            elif name in ("lowerdir", "lowerdir+", "datadir+"):
+                found.extend(split_overlay_dirs(value))
+        return found
+
+
+def read_mount_table() -> list[MountEntry]:
+    """Return every mount of this mount namespace, in mount table order."""
+    entries: list[MountEntry] = []
+    for line in _MOUNTINFO.read_bytes().splitlines():
+        fields = line.split(b" ")
+        try:
+            separator = fields.index(b"-", 6)
+        except ValueError:
+            continue
+        if len(fields) < separator + 4:
+            continue
+        entries.append(
+            MountEntry(
+                mount_point=_decode_mountinfo_path(fields[4]),
+                device=os.fsdecode(fields[2]),
+                root=_decode_mountinfo_path(fields[3]),
+                fstype=os.fsdecode(fields[separator + 1]),
+                super_options=tuple(
+                    _decode_mountinfo_path(option)
+                    for option in fields[separator + 3].split(b",")
+                ),
+            )
+        )
+    return entries
+
+
+def _inside(path: str, directory: str) -> bool:
+    return path == directory or os.path.commonpath([path, directory]) == directory
+
+
+def _filesystem_path(table: Sequence[MountEntry], path: str) -> tuple[str, str] | None:
+    """Return (device, path inside that filesystem) of the absolute PATH."""
+    best: MountEntry | None = None
+    for entry in table:
+        if _inside(path, entry.mount_point) and (
+            best is None or len(entry.mount_point) >= len(best.mount_point)
+        ):
+            best = entry
+    if best is None:
+        return None
+    rest = os.path.relpath(path, best.mount_point)
+    inner = best.root if rest == "." else os.path.join(best.root, rest)
+    return best.device, os.path.normpath(inner)
+
+
+def mounts_using(directory: Path) -> list[str]:
+    """Return the mount points of mounts that use DIRECTORY or anything below it.
+
+    That is an overlay with a layer, upper or work directory inside it, or a
+    bind mount of it or of a directory inside it.
+    """
+    top = os.path.realpath(directory)
+    table = read_mount_table()
+    located = _filesystem_path(table, top)
+    found: list[str] = []
+    for entry in table:
+        if any(_inside(layer, top) for layer in entry.overlay_dirs()) or (
+            located is not None
+            and entry.device == located[0]
+            and entry.fstype != "overlay"
+            and _inside(entry.root, located[1])
+            and not _inside(top, entry.mount_point)
+        ):
+            found.append(entry.mount_point)
+    return found
+
+
+def sources_of_mount(target: Path) -> list[str]:
+    """Return the host directories the topmost mount at TARGET shows.
+
+    For an overlay: its layer, upper and work directories; for any other
+    mount: the directory it shows, found through another mount of the same
+    filesystem. Empty when nothing is mounted at TARGET.
+    """
+    point = os.path.realpath(target)
+    table = read_mount_table()
+    mounted = [entry for entry in table if entry.mount_point == point]
+    if not mounted:
+        return []
+    top = mounted[-1]
+    if top.fstype == "overlay":
+        return top.overlay_dirs()
+    for entry in table:
+        if (
+            entry.device == top.device
+            and entry is not top
+            and _inside(top.root, entry.root)
+            and entry.mount_point != point
+        ):
+            rest = os.path.relpath(top.root, entry.root)
+            return [os.path.normpath(os.path.join(entry.mount_point, rest))]
+    return []
+
+
 def is_mountpoint(path: Path) -> bool:
     """Return True when a mount is attached at PATH (a bind mount of a directory counts)."""
     return Path(os.path.realpath(path)) in set(read_mount_points())

@@ -28,12 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from images import images_dir
 
 from lamina.mount import mounts_under, unmount
 from lamina.service.client import RemoteSnapshotter
 
 SNAPSHOTTER = "lamina"
-IMAGES_DIR = Path(os.environ.get("LAMINA_IMAGES", Path.home() / ".cache" / "lamina-images"))
+IMAGES_DIR = images_dir()
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
 CTR_TIMEOUT = 300.0

@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from lamina import __version__
@@ -54,11 +56,22 @@ def configure_logging(level_name: str) -> None:
     logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr)
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived; unwinds like Ctrl-C so that every cleanup step runs."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
     debug = args.log_level.lower() == "debug"
+    # The server installs its own handlers to drain requests in flight.
+    if args.command != "serve" and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         status: int = args.handler(args)
         return status
@@ -80,3 +93,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lamina: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("lamina: terminated", file=sys.stderr)
+        return 143

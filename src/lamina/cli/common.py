@@ -101,6 +101,11 @@ def mounts_json(mounts: Sequence[Mount]) -> list[dict[str, Any]]:
     ]
 
 
+def plural(count: int, noun: str) -> str:
+    """Return "1 layer" or "2 layers"."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def human_size(size: float) -> str:
     """Format a byte count as du -h does, in powers of 1024."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):

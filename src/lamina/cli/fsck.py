@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from lamina.cli.common import open_from_args, print_json
+from lamina.cli.common import open_from_args, plural, print_json
 from lamina.fsck import FsckResult, fsck
 
 EXIT_FINDINGS = 10
@@ -77,7 +77,12 @@ def print_result(result: FsckResult) -> None:
         for finding in result.findings:
             print(f"{finding.kind}: {finding.subject}: {finding.detail}")
             print(f"  repair: {finding.action}")
-        print(f"{len(result.findings)} problems found; run 'lamina fsck --repair' to repair them")
+        repairable = sum(1 for finding in result.findings if finding.repairable)
+        found = plural(len(result.findings), "problem")
+        if repairable == 0:
+            print(f"{found} found; none can be repaired automatically, see above")
+        else:
+            print(f"{found} found; 'lamina fsck --repair' repairs {repairable} of them")
         return
     for outcome in result.outcomes:
         finding = outcome.finding
@@ -87,4 +92,5 @@ def print_result(result: FsckResult) -> None:
         else:
             print(f"  not repaired: {outcome.error}; {finding.action}")
     left = len(result.unresolved)
-    print(f"{len(result.findings)} problems found, {len(result.findings) - left} repaired")
+    found = plural(len(result.findings), "problem")
+    print(f"{found} found, {len(result.findings) - left} repaired")

@@ -20,6 +20,7 @@ from lamina.cli.common import (
     human_size,
     mounts_json,
     open_from_args,
+    plural,
     print_json,
     print_table,
     timestamp,
@@ -80,11 +81,11 @@ def register(
     add("prune", prune_command, "remove layer snapshots no image needs and leftovers of imports")
 
     parser = add("mount", mount_command, "mount an image read-only at DIR")
-    parser.add_argument("name", metavar="IMAGE")
-    parser.add_argument("target", type=Path, metavar="DIR")
+    parser.add_argument("name", metavar="IMAGE", help="name of an imported image")
+    parser.add_argument("target", type=Path, metavar="DIR", help="directory to mount on")
 
     parser = add("unmount", unmount_command, "unmount an image mounted at DIR", ["umount"])
-    parser.add_argument("target", type=Path, metavar="DIR")
+    parser.add_argument("target", type=Path, metavar="DIR", help="where the image is mounted")
 
     rootfs = commands.add_parser(
         "rootfs",
@@ -100,9 +101,14 @@ def register(
         parents=[common],
     )
     parser.set_defaults(handler=prepare_command)
-    parser.add_argument("image", metavar="IMAGE")
-    parser.add_argument("key", metavar="KEY")
-    parser.add_argument("--mount", type=Path, metavar="DIR", help="mount the root filesystem here")
+    parser.add_argument("image", metavar="IMAGE", help="name of an imported image")
+    parser.add_argument("key", metavar="KEY", help="key of the new Active snapshot")
+    parser.add_argument(
+        "--mount",
+        type=Path,
+        metavar="DIR",
+        help="mount the root filesystem here (created if missing)",
+    )
 
 
 # ---------------------------------------------------------------- progress display
@@ -112,6 +118,7 @@ class RichProgress:
     """Bars on a terminal: one per layer and one overall, with bytes, rate and time left."""
 
     def __init__(self) -> None:
+        from rich.console import Console
         from rich.progress import (
             BarColumn,
             DownloadColumn,
@@ -119,7 +126,6 @@ class RichProgress:
             TimeRemainingColumn,
             TransferSpeedColumn,
         )
-        from rich.console import Console
         from rich.progress import Progress as Bars
 
         self._bars = Bars(
@@ -208,7 +214,7 @@ def import_command(args: argparse.Namespace) -> int:
     elif not args.quiet:
         print(
             f"imported {result.image.name} ({result.image.manifest_digest}): "
-            f"{len(result.created)} layers unpacked, {len(result.reused)} reused, "
+            f"{plural(len(result.created), 'layer')} unpacked, {len(result.reused)} reused, "
             f"in {result.seconds:.2f} s"
         )
     return 0

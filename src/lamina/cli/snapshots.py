@@ -7,6 +7,7 @@ ctr find their way: ls/list, rm/remove/del/delete, mounts/m.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -22,7 +23,12 @@ from lamina.cli.common import (
     print_json,
     print_table,
 )
-from lamina.errors import LaminaError, NotFoundError
+from lamina.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    LaminaError,
+    NotFoundError,
+)
 from lamina.snapshots.types import Info, Kind, Usage
 
 
@@ -102,8 +108,8 @@ def register(
     parser = commands.add_parser(
         "mount", help="mount an Active or View snapshot at a directory", parents=[common]
     )
-    parser.add_argument("key")
-    parser.add_argument("target", type=Path, metavar="DIR")
+    parser.add_argument("key", help="key of an Active or View snapshot")
+    parser.add_argument("target", type=Path, metavar="DIR", help="existing directory to mount on")
     parser.set_defaults(handler=mount)
 
     parser = commands.add_parser(
@@ -112,7 +118,7 @@ def register(
         help="unmount a directory mounted by `lamina mount`",
         parents=[common],
     )
-    parser.add_argument("target", type=Path, metavar="DIR")
+    parser.add_argument("target", type=Path, metavar="DIR", help="mount point of a snapshot")
     parser.set_defaults(handler=umount)
 
 
@@ -323,12 +329,36 @@ def mount(args: argparse.Namespace) -> int:
     sn = open_from_args(args)
     try:
         mounts = sn.mounts(args.key)
+        # Two overlays on one upper directory are undefined behaviour in the
+        # kernel, so an Active snapshot is mounted once at most.
+        mounted = sn.mounted_at(args.key) if sn.stat(args.key).kind is Kind.ACTIVE else []
     finally:
         sn.close()
+    if mounted:
+        raise FailedPreconditionError(
+            f"mount {args.key!r}: snapshot is already mounted at {mounted[0]}; use that "
+            "mount or unmount it first",
+            subject=args.key,
+        )
     mounting.mount_all(mounts, args.target)
     return 0
 
 
 def umount(args: argparse.Namespace) -> int:
+    if not mounting.is_mountpoint(args.target):
+        raise InvalidArgumentError(
+            f"umount {args.target}: nothing is mounted there", subject=str(args.target)
+        )
+    sources = mounting.sources_of_mount(args.target)
+    snapshots_dir = os.path.realpath(os.path.join(args.root, "snapshots"))
+    if not any(
+        os.path.commonpath([os.path.realpath(source), snapshots_dir]) == snapshots_dir
+        for source in sources
+    ):
+        raise FailedPreconditionError(
+            f"umount {args.target}: the mount there is not a snapshot of {args.root}; "
+            "use umount(8) for other mounts, or pass the --root it was mounted from",
+            subject=str(args.target),
+        )
     mounting.unmount(args.target)
     return 0

@@ -40,6 +40,7 @@ from lamina.errors import (
     UnavailableError,
 )
 from lamina.metadata.store import MetadataStore, SnapshotRecord, Transaction, ns_to_datetime
+from lamina.mount import mounts_using
 from lamina.snapshots.filters import Matcher, parse_filters
 from lamina.snapshots.types import Info, Kind, Mount, Usage
 from lamina.snapshots.validation import validate_key, validate_labels
@@ -236,7 +237,11 @@ class LayerSnapshotter:
                 )
             parent_dirs: builtins.list[str] = []
             if parent:
-                parent_record = tx.get(parent, operation)
+                parent_record = tx.find(parent)
+                if parent_record is None:
+                    raise NotFoundError(
+                        f"{operation} {key!r}: parent {parent!r} does not exist", subject=key
+                    )
                 if parent_record.kind is not Kind.COMMITTED:
                     raise FailedPreconditionError(
                         f"{operation} {key!r}: parent {parent!r} is {parent_record.kind}, "
@@ -294,6 +299,12 @@ class LayerSnapshotter:
                     "was being created",
                     subject=key,
                 )
+        if not os.path.isdir(parent_fs):
+            raise FailedPreconditionError(
+                f"{operation} {key!r}: the layer directory {parent_fs} of parent {parent!r} "
+                "is missing; run 'lamina fsck' for what to do",
+                subject=key,
+            )
 
     def _clear_stale(self, target: Path) -> None:
         # Only reachable when a crash left a renamed directory whose
@@ -352,9 +363,34 @@ class LayerSnapshotter:
                 )
         log.debug("commit key=%r name=%r snapshot_id=%d", key, name, committed.snapshot_id)
 
+    def mounted_at(self, key: str) -> builtins.list[str]:
+        """Return the mount points of mounts that use snapshot KEY's directory."""
+        validate_key(key, "mounted at")
+        with self.store.read("mounted at") as tx:
+            record = tx.get(key, "mounted at")
+        return self._mounted_at(record.snapshot_id)
+
+    def _mounted_at(self, snapshot_id: int) -> builtins.list[str]:
+        # Every mount of a snapshot names its directory in /proc/self/mountinfo
+        # (an overlay's upperdir, a bind mount's root), so a plain search
+        # rules most snapshots out before the table is parsed.
+        with open("/proc/self/mountinfo", "rb") as mountinfo:
+            if f"/snapshots/{snapshot_id}/".encode() not in mountinfo.read():
+                return []
+        return mounts_using(self._dir(snapshot_id))
+
     def remove(self, key: str) -> None:
         validate_key(key, "remove")
         with self.store.write("remove") as tx:
+            current = tx.get(key, "remove")
+            if current.kind is not Kind.COMMITTED:
+                mounted = self._mounted_at(current.snapshot_id)
+                if mounted:
+                    raise FailedPreconditionError(
+                        f"remove {key!r}: snapshot is mounted at {mounted[0]}; unmount it "
+                        "first",
+                        subject=key,
+                    )
             record = tx.remove(key, "remove")
             crash_point("remove:deleted")
         crash_point("remove:committed")

@@ -481,7 +481,10 @@ class MetadataStore:
             # Read again under the write lock: another process may have migrated.
             version = tx.conn.execute("PRAGMA user_version").fetchone()[0]
             for step in range(version, current_version()):
-                log.info("migrating metadata store %s to schema version %d", self.path, step + 1)
+                if version == 0:
+                    log.debug("creating schema version %d of %s", step + 1, self.path)
+                else:
+                    log.info("migrating metadata store %s to version %d", self.path, step + 1)
                 MIGRATIONS[step](tx.conn)
                 tx.conn.execute(f"PRAGMA user_version = {step + 1}")
 
