@@ -16,7 +16,11 @@ empty folder:
   directory per layer, as the overlay driver unpacks an image
 
 "in-process s" is the time the child spent applying, without starting
-Python and importing Lamina.
+Python and importing Lamina. "cpu s" is the user and system time of the
+child processes of a run, every thread and the process start included.
+Other work on the machine disturbs it least. When that work leaves no
+core idle, Lamina's decompression thread no longer runs beside the
+applier, and the wall time approaches the CPU time.
 
 Every Lamina run is a child process that reports its peak RSS as VmHWM
 of /proc/self/status, because Linux's ru_maxrss keeps the high-water mark
@@ -182,6 +186,14 @@ def measure_decompressors(gz_layers: list[Path], plain_layers: list[Path]) -> di
 # ---------------------------------------------------------------- timed runs
 
 
+def children_cpu() -> float:
+    """Return the user and system seconds of the waited-for child processes so far."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_tar(layers: list[Path], target: Path, gzip_layers: bool) -> float:
     flags = "-xzpf" if gzip_layers else "-xpf"
     start = time.perf_counter()
@@ -228,6 +240,7 @@ def bench_image(name: str, archive: Path, work: Path, runs: int) -> dict[str, ob
         print(f"  {key:16s} {value:8.0f} MB/s")
 
     times: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
     inside: dict[str, list[float]] = {}
     rss: dict[str, list[int]] = {}
     variants = [
@@ -243,36 +256,45 @@ def bench_image(name: str, archive: Path, work: Path, runs: int) -> dict[str, ob
             if target.exists():
                 shutil.rmtree(target)
             target.mkdir()
+            before = children_cpu()
             if mode is None:
                 seconds = run_tar(layers, target, gzip_layers=label == "tar-gzip")
             else:
                 seconds, report = run_lamina(mode, layers, target)
                 rss.setdefault(label, []).append(int(report["vmhwm_kib"]))
                 inside.setdefault(label, []).append(float(report["apply_s"]))
+            cpu.setdefault(label, []).append(children_cpu() - before)
             times.setdefault(label, []).append(seconds)
     shutil.rmtree(work / "target", ignore_errors=True)
     shutil.rmtree(layers_dir, ignore_errors=True)
 
     baseline = statistics.median(times["tar-plain"])
+    cpu_baseline = statistics.median(cpu["tar-plain"])
     print(
-        f"  {'variant':16s} {'median s':>9s} {'x tar-plain':>12s} {'peak RSS MiB':>13s}"
-        f" {'in-process s':>13s}"
+        f"  {'variant':16s} {'median s':>9s} {'x tar-plain':>12s} {'cpu s':>7s} {'x tar cpu':>10s}"
+        f" {'peak RSS MiB':>13s} {'in-process s':>13s}"
     )
     rows = {}
     for label, values in times.items():
         median = statistics.median(values)
+        cpu_s = statistics.median(cpu[label])
         peak = max(rss[label]) / 1024 if label in rss else None
         apply_s = statistics.median(inside[label]) if label in inside else None
         rows[label] = {
             "median_s": round(median, 3),
             "apply_s": round(apply_s, 3) if apply_s else None,
             "ratio": round(median / baseline, 2),
+            "cpu_s": round(cpu_s, 3),
+            "cpu_ratio": round(cpu_s / cpu_baseline, 2),
             "peak_rss_mib": round(peak, 1) if peak else None,
             "runs": [round(v, 3) for v in values],
         }
         shown = f"{peak:13.1f}" if peak else f"{'':13s}"
         shown += f" {apply_s:13.3f}" if apply_s else ""
-        print(f"  {label:16s} {median:9.3f} {median / baseline:12.2f} {shown}")
+        print(
+            f"  {label:16s} {median:9.3f} {median / baseline:12.2f} {cpu_s:7.3f}"
+            f" {cpu_s / cpu_baseline:10.2f} {shown}"
+        )
     return {
         "image": name,
         "layers": len(gz_layers),

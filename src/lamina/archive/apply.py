@@ -50,6 +50,10 @@ _LAYER_ERRNOS = (errno.ENAMETOOLONG, errno.EMLINK)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
+# The types TarInfo.isreg accepts, old GNU sparse files included.
+_REGULAR_TYPES = frozenset(tarfile.REGULAR_TYPES)
+_SPECIAL_TYPES = frozenset((tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.FIFOTYPE))
+
 
 @dataclass(frozen=True)
 class ApplyResult:
@@ -148,13 +152,18 @@ class _Applier:
         # Paths written by this layer and every directory above them.
         self.own: set[str] = set()
         self.dir_times: dict[Key, tuple[int, int]] = {}
+        # Who usually owns the files this process creates. Only a hint:
+        # Tree.creator_owns checks what a directory really does.
+        self.creator = (os.geteuid(), os.getegid())
 
     def run(self) -> None:
         """Apply every member, then set the directory times."""
+        tree = self.tree
+        apply_member = self._apply_member
         for member in tarstream.iter_members(self.stream):
-            self.tree.trim()
+            tree.trim()
             try:
-                self._apply_member(member)
+                apply_member(member)
             except OSError as err:
                 if err.errno in _LAYER_ERRNOS:
                     reason = f"invalid entry: {err.strerror}"
@@ -166,13 +175,17 @@ class _Applier:
         self._set_dir_times()
 
     def _own(self, key: Key) -> None:
-        self.own.add("/".join(key))
+        own = self.own
+        path = "/".join(key)
+        if path in own:
+            return
+        own.add(path)
         parent = key[:-1]
         while parent:
             path = "/".join(parent)
-            if path in self.own:
+            if path in own:
                 break
-            self.own.add(path)
+            own.add(path)
             parent = parent[:-1]
 
     # ------------------------------------------------------------ dispatch
@@ -190,15 +203,16 @@ class _Applier:
             return
         key = (*parent_key, name)
 
-        if member.isdir():
-            self._directory(parent_fd, key, member)
-        elif member.isreg():
+        kind = member.type
+        if kind in _REGULAR_TYPES:
             self._regular(parent_fd, key, member)
-        elif member.issym():
+        elif kind == tarfile.DIRTYPE:
+            self._directory(parent_fd, key, member)
+        elif kind == tarfile.SYMTYPE:
             self._symlink(parent_fd, key, member)
-        elif member.islnk():
+        elif kind == tarfile.LNKTYPE:
             self._hardlink(parent_fd, key, member)
-        elif member.ischr() or member.isblk() or member.isfifo():
+        elif kind in _SPECIAL_TYPES:
             self._special(parent_fd, key, member)
         else:
             raise self.tree.error(entry, f"unsupported tar entry type {member.type!r}")
@@ -278,11 +292,15 @@ class _Applier:
             # The upper non-directory hid the lower layers' KEY; keep it hidden.
             self.upper.set_opaque(fd, key, entry=entry)
         self._set_fd_metadata(fd, member, times=False)
+        self.tree.mode_changed(key)
         mtime = tarstream.mtime_ns(member)
         self.dir_times[key] = (mtime, mtime)
 
     def _regular(self, parent_fd: int, key: Key, member: tarfile.TarInfo) -> None:
-        self.stream.seek(tarstream.data_start(member))
+        # The metadata calls of _set_fd_metadata are written out here: this
+        # runs for most entries, and each Python call costs.
+        stream = self.stream
+        stream.seek(member.offset_data)
         try:
             fd = os.open(key[-1], _CREATE_FLAGS, 0o600, dir_fd=parent_fd)
         except FileExistsError:
@@ -292,16 +310,23 @@ class _Applier:
             if member.sparse is not None:
                 self._write_sparse(fd, member)
             else:
-                self._write_all(fd, member.size)
-            self._set_fd_metadata(fd, member, times=True)
+                stream.copy_to(fd, member.size)
+            uid = member.uid
+            gid = member.gid
+            # The chown is left out when the new file already has the owner
+            # asked for, as the first file created in the directory showed.
+            if (uid, gid) != self.creator or not self.tree.creator_owns(key[:-1], fd, uid, gid):
+                os.fchown(fd, uid, gid)
+            os.fchmod(fd, member.mode & 0o7777)
+            if member.pax_headers:
+                for name, value in tarstream.xattrs(member).items():
+                    self._set_xattr(fd, name, value, member, regular=True)
+                mtime = tarstream.mtime_ns(member)
+            else:
+                mtime = int(member.mtime) * 1_000_000_000
+            os.utime(fd, ns=(mtime, mtime))
         finally:
             os.close(fd)
-
-    def _write_all(self, fd: int, size: int) -> None:
-        for view in self.stream.chunks(size):
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
 
     def _write_sparse(self, fd: int, member: tarfile.TarInfo) -> None:
         sparse: list[tuple[int, int]] = member.sparse  # type: ignore[assignment]
@@ -375,8 +400,9 @@ class _Applier:
     def _set_fd_metadata(self, fd: int, member: tarfile.TarInfo, *, times: bool) -> None:
         os.fchown(fd, member.uid, member.gid)
         os.fchmod(fd, member.mode & 0o7777)
-        for name, value in tarstream.xattrs(member).items():
-            self._set_xattr(fd, name, value, member, regular=True)
+        if member.pax_headers:
+            for name, value in tarstream.xattrs(member).items():
+                self._set_xattr(fd, name, value, member, regular=True)
         if times:
             mtime = tarstream.mtime_ns(member)
             os.utime(fd, ns=(mtime, mtime))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import os
 import queue
 import threading
 import zlib
@@ -359,15 +360,37 @@ class LayerStream:
 
     def seek(self, offset: int, whence: int = 0) -> int:
         """Skip forward to OFFSET; a layer stream cannot go back."""
-        if whence != 0 or offset < self._offset:
-            raise self._stream_error(f"backward seek to {offset} in a forward-only stream")
-        self.skip(offset - self._offset)
+        if offset != self._offset or whence != 0:
+            if whence != 0 or offset < self._offset:
+                raise self._stream_error(f"backward seek to {offset} in a forward-only stream")
+            self.skip(offset - self._offset)
         return self._offset
 
     def skip(self, size: int) -> None:
         """Discard SIZE bytes; raise LayerError when the stream ends first."""
-        for _ in self.chunks(size):
-            pass
+        while size > 0:
+            if self._pos >= len(self._chunk) and not self._next_chunk():
+                raise self._stream_error("the tar stream is truncated inside an entry's data")
+            step = min(len(self._chunk) - self._pos, size)
+            self._pos += step
+            self._offset += step
+            size -= step
+
+    def copy_to(self, fd: int, size: int) -> None:
+        """Write the next SIZE bytes to the file descriptor FD, straight from the queue's chunks.
+
+        Raises LayerError when the stream ends first and OSError when a write fails.
+        """
+        while size > 0:
+            if self._pos >= len(self._chunk) and not self._next_chunk():
+                raise self._stream_error("the tar stream is truncated inside an entry's data")
+            end = self._pos + size
+            if end > len(self._chunk):
+                end = len(self._chunk)
+            written = os.write(fd, self._view[self._pos : end])
+            self._pos += written
+            self._offset += written
+            size -= written
 
     def chunks(self, size: int) -> Iterator[memoryview]:
         """Yield the next SIZE bytes as views into the queue's chunks."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lamina.errors import InternalError, InvalidArgumentError
+from lamina.errors import InternalError, InvalidArgumentError, NoSpaceError
 
 
 def _describe(operation: str, layer: str | None, entry: str | None, reason: str) -> str:
@@ -52,3 +52,14 @@ class LayerWriteError(InternalError):
         self.layer = layer
         self.entry = entry
         self.reason = reason
+
+
+class LayerNoSpaceError(NoSpaceError):
+    """Writing an entry failed because the target filesystem is full; retry once space is freed."""
+
+    def __init__(
+        self, reason: str, *, layer: str | None, entry: str | None = None, operation: str = "apply"
+    ) -> None:
+        super().__init__(_describe(operation, layer, entry, reason), subject=entry or layer)
+        self.layer = layer
+        self.entry = entry

@@ -22,7 +22,7 @@ import os
 import stat
 from collections.abc import Iterable, Sequence
 
-from lamina.archive.errors import LayerError, LayerWriteError
+from lamina.archive.errors import LayerError, LayerNoSpaceError, LayerWriteError
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +44,18 @@ def split_name(name: str) -> list[str]:
     filepath.Clean followed by a join to the root does in containerd: a
     name can never point above the target.
     """
+    parts = name.split("/")
+    if parts[0] == "." and len(parts) > 1:
+        # Most image layers spell their names "./usr/bin/...".
+        del parts[0]
+    if "" not in parts and "." not in parts and ".." not in parts:
+        return parts
+    return _clean(parts)
+
+
+def _clean(components: list[str]) -> list[str]:
     parts: list[str] = []
-    for part in name.split("/"):
+    for part in components:
         if part in ("", "."):
             continue
         if part == "..":
@@ -68,6 +78,9 @@ class Tree:
         self.layer = layer
         self.root_fd = os.open(root, _DIR_FLAGS)
         self._dirs: dict[Key, int] = {}
+        # Whether new files in a directory belong to their creator, by key,
+        # for the directories whose descriptors are cached (see `creator_owns`).
+        self._creator_owns: dict[Key, bool] = {}
 
     def close(self) -> None:
         """Close every descriptor held."""
@@ -82,9 +95,25 @@ class Tree:
         """Return a LayerError naming this layer and ENTRY."""
         return LayerError(reason, layer=self.layer, entry=entry)
 
-    def write_error(self, entry: str | None, action: str, err: OSError) -> LayerWriteError:
-        """Return a LayerWriteError for a failed system call, keeping the OSError as cause."""
-        error = LayerWriteError(f"{action}: {err.strerror or err}", layer=self.layer, entry=entry)
+    def write_error(
+        self, entry: str | None, action: str, err: OSError
+    ) -> LayerWriteError | LayerNoSpaceError:
+        """Return the error for a failed system call, keeping the OSError as cause.
+
+        A full disk is LayerNoSpaceError, so that callers can tell the user
+        to free space and retry; every other failure is LayerWriteError.
+        """
+        error: LayerWriteError | LayerNoSpaceError
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            error = LayerNoSpaceError(
+                f"{action}: no space left on device; free space and retry",
+                layer=self.layer,
+                entry=entry,
+            )
+        else:
+            error = LayerWriteError(
+                f"{action}: {err.strerror or err}", layer=self.layer, entry=entry
+            )
         error.__cause__ = err
         return error
 
@@ -100,6 +129,7 @@ class Tree:
         if old is not None and old != fd:
             os.close(old)
         self._dirs[key] = fd
+        self._creator_owns.pop(key, None)
 
     def forget(self, key: Key) -> None:
         """Drop cached descriptors of KEY and everything below it, before KEY is removed."""
@@ -107,6 +137,8 @@ class Tree:
         stale = [k for k in self._dirs if k[:depth] == key]
         for k in stale:
             os.close(self._dirs.pop(k))
+        for k in [k for k in self._creator_owns if k[:depth] == key]:
+            del self._creator_owns[k]
 
     def trim(self) -> None:
         """Close every cached descriptor when the cache outgrew MAX_CACHED_DIRS.
@@ -118,6 +150,30 @@ class Tree:
             for fd in self._dirs.values():
                 os.close(fd)
             self._dirs.clear()
+            self._creator_owns.clear()
+
+    # ------------------------------------------------------------ owner of new files
+
+    def creator_owns(self, key: Key, new_fd: int, uid: int, gid: int) -> bool:
+        """Tell whether files created in directory KEY get UID and GID as their owner.
+
+        NEW_FD is a file just created there, and its owner decides for the
+        whole directory. The result is kept until the directory's mode or
+        owner is set again (`mode_changed`) or its descriptor leaves the
+        cache. A set-group-ID directory gives new files its own group
+        (open(2), "O_CREAT"), and some file systems (NFS with root
+        squashing, FUSE) choose their own owners. The fstat shows either.
+        """
+        owned = self._creator_owns.get(key)
+        if owned is None:
+            st = os.fstat(new_fd)
+            owned = st.st_uid == uid and st.st_gid == gid
+            self._creator_owns[key] = owned
+        return owned
+
+    def mode_changed(self, key: Key) -> None:
+        """Drop the `creator_owns` result of directory KEY, whose mode or owner was just set."""
+        self._creator_owns.pop(key, None)
 
     # ------------------------------------------------------------ resolution
 
