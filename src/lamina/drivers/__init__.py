@@ -69,8 +69,8 @@ def _record_driver(root: Path, driver: str) -> None:
     temporary = root / f".{DRIVER_FILE}.{os.getpid()}"
     temporary.write_text(driver + "\n")
     try:
-        # link(2) fails if another process recorded a driver first; that
-        # process's choice then stands and is checked below.
+        # link(2) fails if another process recorded a driver first. That
+        # process's choice then wins, and the check below compares it.
         os.link(temporary, root / DRIVER_FILE)
     except FileExistsError:
         pass

@@ -100,7 +100,7 @@ def _out_of_space(err: sqlite3.Error, path: Path) -> bool:
     if name == "SQLITE_FULL":
         return True
     # Creating or growing the -shm and -wal files on a full disk fails as an
-    # I/O error, not SQLITE_FULL; free space tells the two apart.
+    # I/O error, not SQLITE_FULL, so the free space decides which it is.
     if name.startswith("SQLITE_IOERR"):
         try:
             return os.statvfs(path.parent).f_bavail == 0

@@ -6,9 +6,9 @@ from collections.abc import Mapping
 
 from lamina.errors import InvalidArgumentError
 
-# containerd accepts arbitrary keys; a bound keeps one request from filling
-# the store. 16 KiB holds containerd's "namespace/number/key" keys with room
-# to spare.
+# containerd accepts arbitrary keys. A bound keeps one request from filling
+# the store, and 16 KiB is far more than containerd's "namespace/number/key"
+# keys need.
 MAX_KEY_BYTES = 16 * 1024
 
 # containerd's labels package rejects a label whose name and value together
