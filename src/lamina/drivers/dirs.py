@@ -71,10 +71,14 @@ def make_locked_dir(parent: Path) -> LockedDir:
     while True:
         path = parent / f"{NEW_PREFIX}{secrets.token_hex(8)}"
         os.mkdir(path, 0o700)
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        # A concurrent cleanup may remove the directory before it is locked:
+        # before the open (the open fails) or before the flock (a removed
+        # directory has no links left). Either way, make another one.
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            continue
         fcntl.flock(fd, fcntl.LOCK_EX)
-        # A concurrent cleanup may have removed the directory between mkdir
-        # and flock; a removed directory has no links left.
         if os.fstat(fd).st_nlink > 0:
             return LockedDir(path, fd)
         os.close(fd)
