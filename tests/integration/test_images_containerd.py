@@ -22,7 +22,7 @@ from lamina.images import import_image, mount_image, unmount_image
 # Both archives of an image carry the same name, and the containerd fixture
 # finds the name of a re-imported image in index.json only: so each
 # docker-archive comes first.
-CASES = [(name, fmt) for name in ("busybox", "debian", "deep") for fmt in ("docker", "oci")]
+CASES = [(name, fmt) for name in ("busybox", "debian", "deep", "big") for fmt in ("docker", "oci")]
 
 
 @pytest.mark.parametrize(("name", "fmt"), CASES, ids=[f"{n}-{f}" for n, f in CASES])
