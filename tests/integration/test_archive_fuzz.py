@@ -1,9 +1,9 @@
 """Mutated tar streams against the layer applier: typed errors only, nothing outside, no hang.
 
-Each example takes a seed layer that already carries the classic hazards
-(names with `..`, a symlink to a sibling folder followed by an entry through
-it, a hard link out, whiteouts, long PAX names), flips or overwrites bytes
-and cuts the stream, then applies it with both appliers. The applier may
+Each example starts from a seed layer that already carries the classic
+hazards: names with `..`, a symlink to a sibling folder followed by an entry
+through it, a hard link out, whiteouts and long PAX names. It overwrites
+bytes and cuts the stream, then applies it with both appliers. The applier may
 accept or reject the result, but it must raise nothing except Lamina's own
 errors, leave the sibling folder exactly as it was, and finish in time.
 
