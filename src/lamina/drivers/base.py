@@ -37,7 +37,6 @@ from lamina.errors import (
     InternalError,
     LaminaError,
     NotFoundError,
-    UnavailableError,
 )
 from lamina.metadata.store import MetadataStore, SnapshotRecord, Transaction, ns_to_datetime
 from lamina.mount import mounts_using
@@ -325,8 +324,9 @@ class LayerSnapshotter:
         # Measuring a large tree takes time, so it happens outside the write
         # lock. If another client removed KEY and prepared it again in the
         # meantime, the measurement belongs to the old directory: measure the
-        # new one, a bounded number of times.
-        for _ in range(COMMIT_ATTEMPTS):
+        # new one, and on the last attempt measure under the write lock so
+        # that the commit settles whatever other clients do.
+        for attempt in range(1, COMMIT_ATTEMPTS + 1):
             with self.store.read("commit") as tx:
                 record = tx.get(key, "commit")
             own = self._dir(record.snapshot_id)
@@ -336,18 +336,16 @@ class LayerSnapshotter:
             with self.store.write("commit") as tx:
                 current = tx.get(key, "commit")
                 if current.snapshot_id != record.snapshot_id:
-                    log.debug("commit key=%r: snapshot was replaced while measured, retrying", key)
-                    continue
+                    if attempt < COMMIT_ATTEMPTS:
+                        log.debug("commit key=%r: snapshot replaced while measured, retrying", key)
+                        continue
+                    own = self._dir(current.snapshot_id)
+                    with dirs.os_errors("commit", key):
+                        usage = self._usage(own) if current.kind is Kind.ACTIVE else Usage()
                 # Raises the precise error when KEY is not Active or NAME exists.
                 committed = tx.commit_active(key, name, labels, usage, "commit")
                 crash_point("commit:updated")
             break
-        else:
-            raise UnavailableError(
-                f"commit {key!r}: the snapshot was removed and prepared again "
-                f"{COMMIT_ATTEMPTS} times during the commit; retry",
-                subject=key,
-            )
         crash_point("commit:committed")
 
         work = own / "work"
