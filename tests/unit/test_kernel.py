@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,27 +44,24 @@ def test_needs_userxattr_matches_process() -> None:
 
 def test_needs_userxattr_in_user_namespace() -> None:
     # Root of a new user namespace (euid 0, uid_map "0 0 1") is not real root.
-    outer_euid = os.geteuid()
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        answer = b"E"
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            if libc.unshare(CLONE_NEWUSER) == 0:
-                Path("/proc/self/uid_map").write_text(f"0 {outer_euid} 1\n")
-                probe = kernel.overlay_needs_userxattr.__wrapped__
-                answer = b"1" if os.geteuid() == 0 and probe() else b"0"
-        finally:
-            os.write(write_fd, answer)
-            os._exit(0)
+    # A fresh interpreter, not a fork of this one: forking a process that
+    # runs other threads (gRPC, for one) may leave the child stuck on a lock.
+    code = f"""
+import ctypes, os
+from pathlib import Path
+from lamina import kernel
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.unshare({CLONE_NEWUSER}) != 0:
+    raise SystemExit("unshare failed: " + os.strerror(ctypes.get_errno()))
+Path("/proc/self/uid_map").write_text("0 {os.geteuid()} 1\\n")
+print(os.geteuid(), kernel.overlay_needs_userxattr())
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
 
-    os.close(write_fd)
-    answer = os.read(read_fd, 1)
-    os.close(read_fd)
-    os.waitpid(pid, 0)
-
-    assert answer == b"1"
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["0", "True"]
 
 
 def test_index_param_matches_sysfs() -> None:
