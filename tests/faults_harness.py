@@ -8,7 +8,7 @@ fsync'd. The harness kills the worker, either after a random delay or at
 a named phase of the snapshotter (LAMINA_CRASH_POINT), then checks the
 root:
 
-- every snapshot and image the journal says exists is there, with its
+- every snapshot and image the journal records as existing is there, with its
   kind and parent; at most the one operation in flight at the kill may have
   taken effect or not, and nothing else is visible;
 - the content of every committed snapshot (the tree of its own directory)

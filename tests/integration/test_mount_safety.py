@@ -1,8 +1,8 @@
 """A mounted snapshot is never removed or mounted twice, and `lamina umount` touches only snapshots.
 
 Removing the directory under a live overlay leaves a mount that shows a
-deleted tree, and two overlays on one upper directory are undefined
-behaviour in the kernel; both are refused with FailedPreconditionError.
+deleted tree. Two overlays on one upper directory are undefined behaviour in
+the kernel. Both requests raise FailedPreconditionError.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lamina.errors import InternalError, InvalidArgumentError, NoSpaceError
+from lamina.errors import InternalError, InvalidArgumentError, LaminaError, NoSpaceError
 
 
 def _describe(operation: str, layer: str | None, entry: str | None, reason: str) -> str:
@@ -42,8 +42,8 @@ class LayerDigestError(LayerError):
         self.actual = actual
 
 
-class LayerWriteError(InternalError):
-    """Writing an entry of a valid layer failed on the target filesystem (disk full, I/O error)."""
+class _WriteFailure(LaminaError):
+    """Base of the errors of writing an entry; names the layer, the entry and the reason."""
 
     def __init__(
         self, reason: str, *, layer: str | None, entry: str | None = None, operation: str = "apply"
@@ -54,12 +54,9 @@ class LayerWriteError(InternalError):
         self.reason = reason
 
 
-class LayerNoSpaceError(NoSpaceError):
-    """Writing an entry failed because the target filesystem is full; retry once space is freed."""
+class LayerWriteError(_WriteFailure, InternalError):
+    """Writing an entry of a valid layer failed on the target filesystem (an I/O error)."""
 
-    def __init__(
-        self, reason: str, *, layer: str | None, entry: str | None = None, operation: str = "apply"
-    ) -> None:
-        super().__init__(_describe(operation, layer, entry, reason), subject=entry or layer)
-        self.layer = layer
-        self.entry = entry
+
+class LayerNoSpaceError(_WriteFailure, NoSpaceError):
+    """Writing an entry failed because the target filesystem is full; retry once space is freed."""

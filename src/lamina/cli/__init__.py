@@ -1,9 +1,9 @@
 """The `lamina` command: argument parsing, logging set-up and error reporting.
 
 Each command group lives in its own module with a `register` function that
-adds its sub-commands; a command handler takes the parsed arguments and
+adds its sub-commands. A command handler takes the parsed arguments and
 returns the exit status. Errors reach the user as one line on stderr and the
-exit status of their class (lamina.errors.CODES); a traceback only with
+exit status of their class (lamina.errors.CODES), with a traceback only under
 `--log-level debug`.
 """
 

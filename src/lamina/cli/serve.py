@@ -111,8 +111,8 @@ def command_line_settings(args: argparse.Namespace) -> dict[str, str | None]:
     flags: dict[str, str | None] = {
         setting: getattr(args, dest, None) for dest, setting in _FLAG_SETTINGS.items()
     }
-    # NOTE: a global option given with exactly its default value cannot be
-    # told from an absent one, so it does not override the config file.
+    # NOTE: a global option given with exactly its default value looks the
+    # same as an absent one, so it does not override the config file.
     for setting, default in _global_defaults().items():
         value = getattr(args, setting, None)
         if flags[setting] is None and value is not None and value != default:

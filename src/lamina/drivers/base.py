@@ -288,8 +288,8 @@ class LayerSnapshotter:
         self, key: str, parent: str, parent_fs: str, operation: str
     ) -> None:
         # Filling the directory reads the parent's layers outside any
-        # transaction; a concurrent remove of the parent is a NotFoundError
-        # for this request, not an internal failure.
+        # transaction. A concurrent remove of the parent is therefore a
+        # NotFoundError for this request, not an internal failure.
         with self.store.read(operation) as tx:
             record = tx.find(parent)
             if record is None or self._fs(record.snapshot_id) != parent_fs:
@@ -323,9 +323,9 @@ class LayerSnapshotter:
 
         # Measuring a large tree takes time, so it happens outside the write
         # lock. If another client removed KEY and prepared it again in the
-        # meantime, the measurement belongs to the old directory: measure the
-        # new one, and on the last attempt measure under the write lock so
-        # that the commit settles whatever other clients do.
+        # meantime, the measurement belongs to the old directory, so measure
+        # again. The last attempt measures under the write lock, so the commit
+        # settles whatever other clients do.
         for attempt in range(1, COMMIT_ATTEMPTS + 1):
             with self.store.read("commit") as tx:
                 record = tx.get(key, "commit")

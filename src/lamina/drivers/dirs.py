@@ -1,9 +1,9 @@
 """Snapshot directories on disk: building, locking, removing, measuring.
 
-A directory being built or removed is held under an exclusive flock(2) on
-the directory itself, so `cleanup` in another process can tell a
-half-built directory of a live operation (locked, left alone) from one a
-crash left behind (unlocked, removed).
+A directory being built or removed is locked with an exclusive flock(2) on
+the directory itself. `cleanup` in another process leaves a locked directory
+alone, because a live operation owns it, and removes an unlocked one, which
+a crash left behind.
 """
 
 from __future__ import annotations

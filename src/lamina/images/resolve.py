@@ -118,8 +118,8 @@ def read_blob(source: Source, path: str, descriptor: oci.Descriptor, what: str) 
     size = source.size(path)
     if size != descriptor.size:
         raise DigestMismatchError(
-            f"{what} {descriptor.digest}: blob has {size} bytes, its descriptor says "
-            f"{descriptor.size}",
+            f"{what} {descriptor.digest}: blob has {size} bytes, its descriptor expects "
+            f"{descriptor.size}; the archive is corrupt or truncated",
             subject=descriptor.digest,
         )
     if size > MAX_DOCUMENT_SIZE:
@@ -253,7 +253,7 @@ def _resolve_layout(source: Source, platform: oci.Platform) -> ResolvedImage:
     digests = {candidate.descriptor.digest for candidate, _, _ in matching}
     if len(digests) > 1:
         log.warning(
-            "%s holds %d images for %s; importing the first, %s",
+            "%s contains %d images for %s; importing the first, %s",
             source.description,
             len(digests),
             platform,

@@ -283,7 +283,7 @@ def _decompress_to(path: Path, kind: str, scratch: Path) -> Path:
 
 @contextmanager
 def open_source(path: Path, scratch: Path) -> Iterator[Source]:
-    """Open the image archive at PATH; SCRATCH holds a decompressed copy if needed."""
+    """Open the image archive at PATH, decompressing it into SCRATCH if needed."""
     if path.is_dir():
         yield DirectorySource(path)
         return

@@ -2,9 +2,9 @@
 
 Invariants:
 
-- One SQLite transaction per operation. Read transactions use BEGIN (WAL lets
-  them run beside a writer); write transactions use BEGIN IMMEDIATE, so two
-  writers queue on SQLite's lock instead of failing halfway.
+- One SQLite transaction per operation. Read transactions use BEGIN, which
+  WAL mode lets run beside a writer. Write transactions use BEGIN IMMEDIATE,
+  so two writers queue on SQLite's lock instead of failing halfway.
 - Waiting for the lock is bounded by `lock_timeout`; past it the operation
   fails with UnavailableError and changes nothing.
 - Each thread gets its own connection, so one store object serves a threaded
@@ -80,8 +80,12 @@ _RECORD_FROM = "snapshots AS s LEFT JOIN snapshots AS p ON p.id = s.parent_id"
 
 def _record(row: Sequence[object]) -> SnapshotRecord:
     snapshot_id, key, kind, parent_id, parent, created, updated, size, inodes = row
-    assert isinstance(snapshot_id, int) and isinstance(key, str) and isinstance(kind, int)
-    assert isinstance(parent, str) and isinstance(created, int) and isinstance(updated, int)
+    assert isinstance(snapshot_id, int)
+    assert isinstance(key, str)
+    assert isinstance(kind, int)
+    assert isinstance(parent, str)
+    assert isinstance(created, int)
+    assert isinstance(updated, int)
     return SnapshotRecord(
         snapshot_id=snapshot_id,
         key=key,

@@ -1,8 +1,8 @@
 """Value types of the snapshot model: kinds, snapshot info, usage and mounts.
 
-The meaning follows containerd's snapshots package: a snapshot is Active
+The meaning follows containerd's snapshots package. A snapshot is Active
 (writable, made by prepare), View (read-only, made by view) or Committed
-(immutable, made by commit); every snapshot has a parent, and the empty
+(immutable, made by commit). Every snapshot has a parent, and the empty
 string is the empty parent.
 """
 
@@ -45,10 +45,10 @@ def _frozen_labels(labels: Mapping[str, str] | None) -> Mapping[str, str]:
 
 @dataclass(frozen=True)
 class Info:
-    """What the store records of one snapshot.
+    """The record of one snapshot in the store.
 
     `name` is the key of an Active or View snapshot, or the name of a
-    Committed one; `parent` is the name of the parent, or "".
+    Committed one. `parent` is the name of the parent, or "".
     """
 
     name: str
