@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lamina.errors import InternalError, InvalidArgumentError, LaminaError, NoSpaceError
+from lamina.errors import InternalError, InvalidArgumentError, NoSpaceError
 
 
 def _describe(operation: str, layer: str | None, entry: str | None, reason: str) -> str:
@@ -42,8 +42,8 @@ class LayerDigestError(LayerError):
         self.actual = actual
 
 
-class _WriteFailure(LaminaError):
-    """Base of the errors of writing an entry; names the layer, the entry and the reason."""
+class LayerWriteError(InternalError):
+    """Writing an entry of a valid layer failed on the target filesystem (an I/O error)."""
 
     def __init__(
         self, reason: str, *, layer: str | None, entry: str | None = None, operation: str = "apply"
@@ -54,9 +54,13 @@ class _WriteFailure(LaminaError):
         self.reason = reason
 
 
-class LayerWriteError(_WriteFailure, InternalError):
-    """Writing an entry of a valid layer failed on the target filesystem (an I/O error)."""
-
-
-class LayerNoSpaceError(_WriteFailure, NoSpaceError):
+class LayerNoSpaceError(NoSpaceError):
     """Writing an entry failed because the target filesystem is full; retry once space is freed."""
+
+    def __init__(
+        self, reason: str, *, layer: str | None, entry: str | None = None, operation: str = "apply"
+    ) -> None:
+        super().__init__(_describe(operation, layer, entry, reason), subject=entry or layer)
+        self.layer = layer
+        self.entry = entry
+        self.reason = reason
