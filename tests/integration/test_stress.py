@@ -281,6 +281,20 @@ def verify(sn: LayerSnapshotter, results: list[dict[str, Any]]) -> collections.C
     return outcomes
 
 
+def assert_exercised(results: list[dict[str, Any]]) -> None:
+    """Fail if some state change never succeeded, so the run proved nothing about it.
+
+    How many operations succeed depends on how the clients interleave: a
+    simulation of the suite's plans (300 seeds, clients one after another or
+    randomly interleaved) puts the share anywhere from a quarter to almost a
+    half. Every kind that changes state succeeded at least six times in each
+    simulated run, so three is a safe floor.
+    """
+    succeeded = collections.Counter(r["kind"] for r in results if r["result"] == "ok")
+    for kind in ("prepare", "view", "commit", "remove", "update"):
+        assert succeeded[kind] >= 3, f"only {succeeded[kind]} {kind} operations succeeded"
+
+
 def report(label: str, outcomes: collections.Counter[str], seconds: float) -> None:
     total = sum(outcomes.values())
     counts = ", ".join(f"{name} {n}" for name, n in outcomes.most_common())
@@ -303,7 +317,7 @@ def test_threads_over_library(driver: str, lamina_root: Path) -> None:
     finally:
         sn.close()
     report(f"threads, {driver}, seed {seed}", outcomes, time.monotonic() - started)
-    assert outcomes["ok"] > CLIENTS * OPERATIONS // 4
+    assert_exercised(results)
 
 
 @pytest.mark.slow
@@ -321,7 +335,7 @@ def test_processes_over_cli(lamina_root: Path, tmp_path: Path) -> None:
     finally:
         sn.close()
     report(f"command-line processes, seed {seed}", outcomes, time.monotonic() - started)
-    assert outcomes["ok"] > CLIENTS * CLI_OPERATIONS // 4
+    assert_exercised(results)
 
 
 @pytest.fixture
@@ -383,4 +397,4 @@ def test_grpc_clients_over_serve(server: Path, lamina_root: Path) -> None:
     finally:
         sn.close()
     report(f"gRPC clients, seed {seed}", outcomes, time.monotonic() - started)
-    assert outcomes["ok"] > CLIENTS * OPERATIONS // 4
+    assert_exercised(results)
