@@ -294,6 +294,22 @@ HOSTILE: tuple[HostileCase, ...] = (
         confined_to=("evil",),
     ),
     HostileCase(
+        # A PAX path record may hold a NUL; a ustar name would end there.
+        "nul_in_pax_path",
+        _one(lambda out: LayerBuilder().file("f", b"x", pax={"path": "f\0/../../outside/new"})),
+        rejected=True,
+    ),
+    HostileCase(
+        "nul_in_pax_link_target",
+        _one(lambda out: LayerBuilder().file("f", b"x", pax={"linkpath": out + "/sentinel\0"})),
+        rejected=True,
+    ),
+    HostileCase(
+        "nul_in_xattr_name",
+        _one(lambda out: LayerBuilder().file("f", b"x", xattrs={"user.a\0b": b"v"})),
+        rejected=True,
+    ),
+    HostileCase(
         "parent_is_a_file",
         _one(lambda out: LayerBuilder().file("f", b"x").file("f/child", b"y")),
         rejected=True,

@@ -172,6 +172,46 @@ def test_iter_members_skips_unread_data(compress: object) -> None:
     assert stream.compressed_size == len(blob)
 
 
+def _members_of(blob: bytes) -> list[str]:
+    stream = _stream(blob)
+    try:
+        return [m.name for m in iter_members(stream)]
+    finally:
+        stream.close()
+
+
+def test_pax_record_length_past_any_index_is_a_layer_error() -> None:
+    out = io.BytesIO()
+    with tarfile.TarFile(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("a")
+        info.pax_headers = {"comment": "x" * 60}
+        tar.addfile(info)
+    blob = bytearray(out.getvalue())
+    start = blob.index(b" comment=") - 2
+    huge = b"9" * 30 + b" c="
+    blob[start : start + len(huge)] = huge
+    with pytest.raises(LayerError, match="invalid tar header"):
+        _members_of(bytes(blob))
+
+
+@pytest.mark.parametrize(
+    ("records", "what"),
+    [
+        ({"path": "a\0b"}, "entry name"),
+        ({"linkpath": "target\0"}, "link target"),
+        ({"SCHILY.xattr.user.a\0b": "v"}, "xattr name"),
+    ],
+)
+def test_nul_in_pax_names_is_a_layer_error(records: dict[str, str], what: str) -> None:
+    out = io.BytesIO()
+    with tarfile.TarFile(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("a")
+        info.pax_headers = records
+        tar.addfile(info)
+    with pytest.raises(LayerError, match=f"the {what} holds a NUL byte"):
+        _members_of(out.getvalue())
+
+
 def test_layer_stream_reports_truncated_data() -> None:
     stream = _stream(b"x" * 100)
     try:

@@ -194,6 +194,12 @@ _PLAIN_TYPES = frozenset(
 _REGULAR_TYPES = frozenset((tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE))
 
 
+# What tarfile raises for a malformed header: its own errors, ValueError for
+# bad numbers and encodings, OverflowError for a PAX record length too large
+# to index with.
+_HEADER_ERRORS = (tarfile.TarError, ValueError, OverflowError)
+
+
 def _blocks(size: int) -> int:
     return -(-size // BLOCK) * BLOCK
 
@@ -299,7 +305,7 @@ def iter_members(stream: LayerStream) -> Iterator[tarfile.TarInfo]:
             tarinfo=_FastTarInfo,
             errors="surrogateescape",
         )
-    except (tarfile.TarError, ValueError) as err:
+    except _HEADER_ERRORS as err:
         raise LayerError(f"invalid tar header: {err}", layer=stream.layer) from err
     fileobj = tar.fileobj
     while True:
@@ -309,10 +315,11 @@ def iter_members(stream: LayerStream) -> Iterator[tarfile.TarInfo]:
                 member = tar.fast_next()
             if member is None:
                 member = tar.next()
-        except (tarfile.TarError, ValueError) as err:
+        except _HEADER_ERRORS as err:
             raise LayerError(f"invalid tar header: {err}", layer=stream.layer) from err
         if member is None:
             break
+        _check_names(member, stream.layer)
         yield member
         # Skip the data area the caller did not read.
         fileobj.seek(tar.offset)
@@ -323,6 +330,21 @@ def iter_members(stream: LayerStream) -> Iterator[tarfile.TarInfo]:
             layer=stream.layer,
         )
     stream.drain()
+
+
+def _check_names(member: tarfile.TarInfo, layer: str | None) -> None:
+    """Refuse a member whose name, link name or xattr name holds a NUL byte.
+
+    A ustar field ends at its first NUL, but a PAX record may carry one, and
+    no file system name can.
+    """
+    if "\0" in member.name:
+        raise LayerError("the entry name holds a NUL byte", layer=layer, entry=member.name)
+    if "\0" in member.linkname:
+        raise LayerError("the link target holds a NUL byte", layer=layer, entry=member.name)
+    for keyword in member.pax_headers or ():
+        if keyword.startswith("SCHILY.xattr.") and "\0" in keyword:
+            raise LayerError("the xattr name holds a NUL byte", layer=layer, entry=member.name)
 
 
 class _Prefixed:
