@@ -19,9 +19,10 @@ fi
 
 # Debian packages: containerd and runc for the end-to-end tests and the
 # reference trees, umoci/skopeo/podman/debootstrap to build real test images,
-# attr and libcap2-bin for xattrs and file capabilities in test layers.
+# attr and libcap2-bin for xattrs and file capabilities in test layers, gcc
+# for the setuid program of the mount option tests.
 packages=(python3-venv python3-dev containerd runc umoci skopeo podman debootstrap
-          busybox-static attr libcap2-bin tar gzip zstd hyperfine)
+          busybox-static attr libcap2-bin tar gzip zstd hyperfine gcc libc6-dev)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f '${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
