@@ -584,3 +584,23 @@ def test_name_component_too_long_is_layer_error(tmp_path: Path) -> None:
     with pytest.raises(LayerError) as caught:
         apply_layer(io.BytesIO(layer.tar()), tmp_path, layer="l")
     assert caught.value.entry == "d/" + "n" * 300
+
+
+@pytest.mark.parametrize(
+    "records",
+    [{"uid": "-5"}, {"gid": str(2**40)}, {"mtime": "1e30"}, {"mtime": "-1e30"}, {"mtime": "inf"}],
+    ids=["negative-uid", "gid-over-32-bits", "mtime-far-future", "mtime-far-past", "mtime-inf"],
+)
+@pytest.mark.parametrize("overlay", [False, True], ids=["generic", "overlay"])
+def test_out_of_range_metadata_is_layer_error(
+    tmp_path: Path, records: dict[str, str], overlay: bool
+) -> None:
+    layer = LayerBuilder().file("f", b"x", pax=records).tar()
+    target = tmp_path / "target"
+    target.mkdir()
+    with pytest.raises(LayerError) as caught:
+        if overlay:
+            apply_layer_to_upper(io.BytesIO(layer), target, [], layer="l")
+        else:
+            apply_layer(io.BytesIO(layer), target, layer="l")
+    assert caught.value.entry == "f"

@@ -169,6 +169,10 @@ class _Applier:
                     reason = f"invalid entry: {err.strerror}"
                     raise self.tree.error(member.name, reason) from err
                 raise self.tree.write_error(member.name, "applying entry", err) from err
+            except (OverflowError, ValueError) as err:
+                # What Python raises for a value no system call takes, such as
+                # a time past the range of time_t.
+                raise self.tree.error(member.name, f"invalid entry: {err}") from err
         if self.upper is not None:
             for key, times in self.upper.copied_dir_times.items():
                 self.dir_times.setdefault(key, times)

@@ -319,7 +319,7 @@ def iter_members(stream: LayerStream) -> Iterator[tarfile.TarInfo]:
             raise LayerError(f"invalid tar header: {err}", layer=stream.layer) from err
         if member is None:
             break
-        _check_names(member, stream.layer)
+        _check_member(member, stream.layer)
         yield member
         # Skip the data area the caller did not read.
         fileobj.seek(tar.offset)
@@ -332,12 +332,21 @@ def iter_members(stream: LayerStream) -> Iterator[tarfile.TarInfo]:
     stream.drain()
 
 
-def _check_names(member: tarfile.TarInfo, layer: str | None) -> None:
-    """Refuse a member whose name, link name or xattr name holds a NUL byte.
+# Owner ids a file can have: chown(2) reads (uid_t)-1 as "leave unchanged".
+MAX_ID = 2**32 - 2
 
-    A ustar field ends at its first NUL, but a PAX record may carry one, and
-    no file system name can.
+
+def _check_member(member: tarfile.TarInfo, layer: str | None) -> None:
+    """Reject a member with a NUL byte in a name or an owner id out of range.
+
+    A ustar field ends at its first NUL, but a PAX record may contain one,
+    and no file system name can. Base-256 and PAX ids may be negative or
+    larger than 32 bits.
     """
+    for what, value in (("uid", member.uid), ("gid", member.gid)):
+        if not 0 <= value <= MAX_ID:
+            reason = f"{what} {value} is out of range (0 to {MAX_ID})"
+            raise LayerError(reason, layer=layer, entry=member.name)
     if "\0" in member.name:
         raise LayerError("the entry name holds a NUL byte", layer=layer, entry=member.name)
     if "\0" in member.linkname:
