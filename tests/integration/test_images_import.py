@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -59,6 +60,11 @@ def without_whiteout_times(tree: dict[str, EntryRecord]) -> dict[str, EntryRecor
         else entry
         for path, entry in tree.items()
     }
+
+
+def lock_files(sn: LayerSnapshotter) -> list[str]:
+    folder = sn.root / "images" / "locks"
+    return sorted(os.listdir(folder)) if folder.is_dir() else []
 
 
 def committed_keys(sn: LayerSnapshotter) -> set[str]:
@@ -170,6 +176,7 @@ def test_image_records_list_inspect_remove(store: LayerSnapshotter) -> None:
     assert remove_image(store, "bb") == list(reversed(result.chain_ids))
     assert list_images(store) == []
     assert committed_keys(store) == set()
+    assert lock_files(store) == []
 
 
 def test_remove_keeps_layers_other_images_need(store: LayerSnapshotter) -> None:
@@ -177,7 +184,9 @@ def test_remove_keeps_layers_other_images_need(store: LayerSnapshotter) -> None:
     import_image(store, image_archive("busybox", "docker"), name="same-layers")
     assert remove_image(store, "bb") == []
     assert committed_keys(store) == set(first.chain_ids)
+    assert len(lock_files(store)) == 2 * len(first.chain_ids)
     assert remove_image(store, "same-layers") == list(reversed(first.chain_ids))
+    assert lock_files(store) == []
 
 
 def test_remove_keeps_layers_under_a_container(store: LayerSnapshotter) -> None:
@@ -191,6 +200,15 @@ def test_remove_keeps_layers_under_a_container(store: LayerSnapshotter) -> None:
     store.remove("container-1")
     assert prune_images(store) == list(reversed(result.chain_ids))
     assert committed_keys(store) == set()
+    assert lock_files(store) == []
+
+
+def test_prune_deletes_lock_files_of_removed_snapshots(store: LayerSnapshotter) -> None:
+    result = import_image(store, image_archive("busybox", "oci"), name="bb")
+    store.remove(result.chain_ids[-1])  # as containerd's garbage collector would
+    prune_images(store)
+    remaining = {name.rpartition(".")[0] for name in lock_files(store)}
+    assert remaining == {c.replace(":", "-") for c in result.chain_ids[:-1]}
 
 
 def test_prune_keeps_image_layers_and_user_snapshots(store: LayerSnapshotter) -> None:

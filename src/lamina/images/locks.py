@@ -15,13 +15,16 @@ Imports take the locks of a stack bottom layer first; a chain id fixes its
 depth in the stack, so two imports never wait on each other in a cycle.
 flock locks end with the process, so a crashed import holds nothing.
 
-NOTE: the lock files are never deleted. Deleting one while another process
-waits on it would let a third process lock a new file of the same name, so
-they stay (two empty files per chain id ever unpacked on this root).
+The process that removes the snapshot of a chain id deletes its two files
+while it holds both exclusively. A process that was waiting on a deleted
+file gets its lock on an inode no other process will open again, so every
+lock call checks, once it holds the lock, that the file is still linked
+under its name, and otherwise opens the name anew and locks again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -46,9 +49,32 @@ class ChainLock:
     def __init__(self, root: Path, chain_id: str, purpose: str) -> None:
         algorithm, encoded = parse_digest(chain_id, what="chain id")
         self.path = locks_dir(root) / f"{algorithm}-{encoded}.{purpose}"
+        self.root = root
         self.chain_id = chain_id
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._fd = self._open()
         self.mode: int | None = None
+
+    def _open(self) -> int:
+        return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    def _linked(self) -> bool:
+        """Return True if the open file is still the one named self.path."""
+        try:
+            named = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        opened = os.fstat(self._fd)
+        return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
+
+    def _lock(self, operation: int) -> bool:
+        """flock the file named self.path, opening it again if it was deleted meanwhile."""
+        while True:
+            if not self._flock(operation):
+                return False
+            if self._linked():
+                return True
+            os.close(self._fd)
+            self._fd = self._open()
 
     def _flock(self, operation: int) -> bool:
         try:
@@ -65,12 +91,12 @@ class ChainLock:
 
     def shared(self) -> None:
         """Hold the lock shared, waiting for an exclusive holder to finish."""
-        self._flock(fcntl.LOCK_SH)
+        self._lock(fcntl.LOCK_SH)
         self.mode = fcntl.LOCK_SH
 
     def exclusive(self) -> None:
         """Hold the lock exclusively, waiting for every other holder."""
-        self._flock(fcntl.LOCK_EX)
+        self._lock(fcntl.LOCK_EX)
         self.mode = fcntl.LOCK_EX
 
     def try_exclusive(self) -> bool:
@@ -80,11 +106,17 @@ class ChainLock:
         conversion fails, flock(2) has already dropped the shared lock, so
         call this only for a snapshot the caller no longer needs.
         """
-        if self._flock(fcntl.LOCK_EX | fcntl.LOCK_NB):
+        if self._lock(fcntl.LOCK_EX | fcntl.LOCK_NB):
             self.mode = fcntl.LOCK_EX
             return True
         self.mode = None
         return False
+
+    def delete(self) -> None:
+        """Delete the lock file; the caller holds it exclusively and closes it next."""
+        assert self.mode == fcntl.LOCK_EX, "delete a lock file only while holding it exclusively"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
 
     def release(self) -> None:
         """Drop the lock; the file stays open for a later lock call."""
@@ -98,3 +130,19 @@ class ChainLock:
             os.close(self._fd)
             self._fd = -1
             self.mode = None
+
+
+def delete_lock_files(use: ChainLock) -> None:
+    """Delete both lock files of USE's chain id, once its snapshot is removed.
+
+    USE is the chain id's `use` lock, held exclusively, so no import builds
+    on the snapshot and none is unpacking it. If the `create` lock is held
+    all the same, its file stays for its holder.
+    """
+    create = ChainLock(use.root, use.chain_id, "create")
+    try:
+        if create.try_exclusive():
+            create.delete()
+    finally:
+        create.close()
+    use.delete()

@@ -24,7 +24,7 @@ from lamina.drivers import LayerSnapshotter
 from lamina.drivers import dirs as snapshot_dirs
 from lamina.errors import FailedPreconditionError, LaminaError, NotFoundError
 from lamina.images.digest import chain_ids, sha256_digest
-from lamina.images.locks import ChainLock
+from lamina.images.locks import LOCKS_DIR, ChainLock, delete_lock_files
 from lamina.images.oci import Platform
 from lamina.images.progress import Progress
 from lamina.images.resolve import DOCKER, resolve_image
@@ -214,6 +214,7 @@ def _try_remove(sn: LayerSnapshotter, chain_id: str) -> bool:
             if records.images_on_chain(tx, chain_id):
                 return False
         sn.remove(chain_id)
+        delete_lock_files(lock)
     except NotFoundError:
         return False
     except FailedPreconditionError:
@@ -263,6 +264,7 @@ def prune_images(sn: LayerSnapshotter) -> list[str]:
     removed: list[str] = []
     removed += _prune_import_actives(sn)
     removed += _prune_staging(sn)
+    _prune_lock_files(sn)
     while True:
         parents = {
             info.name: info.parent
@@ -327,3 +329,43 @@ def _prune_staging(sn: LayerSnapshotter) -> list[str]:
         finally:
             holder.release()
     return removed
+
+
+def _prune_lock_files(sn: LayerSnapshotter) -> None:
+    """Delete the lock files of chain ids whose snapshot is gone.
+
+    A snapshot removed by Lamina's own image commands takes its lock files
+    along. One removed otherwise (`lamina snapshots rm`, containerd's
+    garbage collector) leaves them behind.
+    """
+    folder = sn.root.joinpath(*LOCKS_DIR)
+    if not folder.is_dir():
+        return
+    chains = {name.rpartition(".")[0] for name in os.listdir(folder)}
+    deleted = 0
+    for stem in sorted(chains):
+        algorithm, _, encoded = stem.partition("-")
+        chain_id = f"{algorithm}:{encoded}"
+        if _snapshot_exists(sn, chain_id):
+            continue
+        try:
+            lock = ChainLock(sn.root, chain_id, "use")
+        except LaminaError as err:
+            log.warning("prune: ignoring lock file %s of no chain id: %s", stem, err)
+            continue
+        try:
+            # An import in flight holds the lock and may create the snapshot.
+            if lock.try_exclusive() and not _snapshot_exists(sn, chain_id):
+                delete_lock_files(lock)
+                deleted += 1
+        finally:
+            lock.close()
+    log.debug("prune deleted the lock files of %d chain ids", deleted)
+
+
+def _snapshot_exists(sn: LayerSnapshotter, key: str) -> bool:
+    try:
+        sn.stat(key)
+    except NotFoundError:
+        return False
+    return True

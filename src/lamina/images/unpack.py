@@ -54,7 +54,7 @@ from lamina.errors import (
 from lamina.images import apply as layer_apply
 from lamina.images.digest import chain_ids, parse_digest, short
 from lamina.images.errors import DigestMismatchError
-from lamina.images.locks import ChainLock
+from lamina.images.locks import ChainLock, delete_lock_files
 from lamina.images.progress import LayerState, NoProgress, Progress
 from lamina.images.resolve import LayerBlob, ResolvedImage
 from lamina.images.source import BlobReader, Source
@@ -501,6 +501,7 @@ class Unpacker:
                 continue
             try:
                 self.sn.remove(chain_id)
+                delete_lock_files(lock)
             except (NotFoundError, FailedPreconditionError) as err:
                 log.info("import failed: keeping %s: %s", short(chain_id), err)
             except LaminaError as err:
