@@ -194,6 +194,21 @@ def test_pax_record_length_past_any_index_is_a_layer_error() -> None:
         _members_of(bytes(blob))
 
 
+def test_gnu_sparse_map_cut_short_is_a_layer_error() -> None:
+    header = bytearray(tarfile.BLOCKSIZE)
+    header[0:1] = b"s"
+    for offset, field in ((100, b"0000644\0"), (108, b"0000000\0"), (116, b"0000000\0")):
+        header[offset : offset + 8] = field
+    header[124:136] = header[136:148] = b"00000000000\0"
+    header[156:157] = tarfile.GNUTYPE_SPARSE
+    header[257:265] = tarfile.GNU_MAGIC
+    header[482] = 1  # an extension block of the sparse map follows, but the stream ends
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    with pytest.raises(LayerError, match="header data ends early"):
+        _members_of(bytes(header))
+
+
 @pytest.mark.parametrize(
     ("records", "what"),
     [

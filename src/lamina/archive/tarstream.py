@@ -196,8 +196,8 @@ _REGULAR_TYPES = frozenset((tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)
 
 # What tarfile raises for a malformed header: its own errors, ValueError for
 # bad numbers and encodings, OverflowError for a PAX record length too large
-# to index with.
-_HEADER_ERRORS = (tarfile.TarError, ValueError, OverflowError)
+# to index with, IndexError for a GNU sparse map cut short.
+_HEADER_ERRORS = (tarfile.TarError, ValueError, OverflowError, IndexError)
 
 
 def _blocks(size: int) -> int:
@@ -306,7 +306,7 @@ def iter_members(stream: LayerStream) -> Iterator[tarfile.TarInfo]:
             errors="surrogateescape",
         )
     except _HEADER_ERRORS as err:
-        raise LayerError(f"invalid tar header: {err}", layer=stream.layer) from err
+        raise _header_error(err, stream.layer) from err
     fileobj = tar.fileobj
     while True:
         try:
@@ -316,7 +316,7 @@ def iter_members(stream: LayerStream) -> Iterator[tarfile.TarInfo]:
             if member is None:
                 member = tar.next()
         except _HEADER_ERRORS as err:
-            raise LayerError(f"invalid tar header: {err}", layer=stream.layer) from err
+            raise _header_error(err, stream.layer) from err
         if member is None:
             break
         _check_member(member, stream.layer)
@@ -334,6 +334,12 @@ def iter_members(stream: LayerStream) -> Iterator[tarfile.TarInfo]:
 
 # Owner ids a file can have: chown(2) reads (uid_t)-1 as "leave unchanged".
 MAX_ID = 2**32 - 2
+
+
+def _header_error(err: Exception, layer: str | None) -> LayerError:
+    # tarfile's IndexError says only "index out of range".
+    detail = "header data ends early" if isinstance(err, IndexError) else str(err)
+    return LayerError(f"invalid tar header: {detail}", layer=layer)
 
 
 def _check_member(member: tarfile.TarInfo, layer: str | None) -> None:
