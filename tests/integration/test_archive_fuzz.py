@@ -14,6 +14,7 @@ ones.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -78,5 +79,8 @@ def test_atheris_target_runs(tmp_path: Path) -> None:
         cwd=tmp_path,  # where libFuzzer writes a crashing input
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "Done 300 runs" in result.stderr
+    # libFuzzer may run a few inputs past -runs before it stops.
+    done = re.search(r"^Done (\d+) runs", result.stderr, re.MULTILINE)
+    assert done is not None, result.stderr[-3000:]
+    assert int(done.group(1)) >= 300
     assert len(list(corpus.iterdir())) >= 5
