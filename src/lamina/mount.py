@@ -204,6 +204,8 @@ def split_overlay_dirs(value: str) -> list[str]:
     overlayfs lets a backslash escape a colon or a backslash inside a layer
     path. An empty entry, from "::", separates the data-only layers (Linux 6.5).
     """
+    if "\\" not in value:
+        return value.split(":")
     dirs: list[str] = []
     current: list[str] = []
     chars = iter(value)

@@ -17,7 +17,7 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from lamina.archive.tree import _DIR_FLAGS, Key, Tree, display
 
@@ -44,6 +44,29 @@ def _lstat(path: str) -> os.stat_result | None:
         return None
 
 
+class _Layers:
+    """A list of layer indexes produced on demand by a generator, and kept."""
+
+    def __init__(self, source: Iterator[int]) -> None:
+        self.found: list[int] = []
+        self._source: Iterator[int] | None = source
+
+    def iterate(self) -> Iterator[int]:
+        position = 0
+        while True:
+            if position < len(self.found):
+                yield self.found[position]
+                position += 1
+                continue
+            if self._source is None:
+                return
+            index = next(self._source, None)
+            if index is None:
+                self._source = None
+                return
+            self.found.append(index)
+
+
 class UpperTree(Tree):
     """Apply target writing overlay whiteouts and opaque directories into an upper directory."""
 
@@ -61,7 +84,7 @@ class UpperTree(Tree):
         self.opaque_xattr = self.xattr_prefix + "opaque"
         # Times of directories copied from a lower layer, restored by the applier.
         self.copied_dir_times: dict[Key, tuple[int, int]] = {}
-        self._layers_memo: dict[Key, list[int]] = {}
+        self._layers_memo: dict[Key, _Layers] = {}
 
     # ------------------------------------------------------------ merged view
 
@@ -85,28 +108,35 @@ class UpperTree(Tree):
                 return False
             raise
 
-    def lower_layers(self, key: Key) -> list[int]:
-        """Return the lower layers, nearest first, whose directory KEY shows in the merged view."""
-        memo = self._layers_memo.get(key)
-        if memo is not None:
-            return memo
-        candidates = list(range(len(self.lowers))) if not key else self.lower_layers(key[:-1])
-        layers: list[int] = []
-        if not self._upper_opaque_or_hidden(key):
-            for index in candidates:
-                path = self._lower_path(index, key)
-                st = _lstat(path)
-                if st is None:
-                    continue
-                if not stat.S_ISDIR(st.st_mode):
-                    break
-                layers.append(index)
-                if self._is_opaque_lower(path):
-                    break
-        if len(self._layers_memo) > _MAX_MEMO:
-            self._layers_memo.clear()
-        self._layers_memo[key] = layers
-        return layers
+    def lower_layers(self, key: Key) -> Iterator[int]:
+        """Yield the lower layers, nearest first, whose directory KEY shows in the merged view.
+
+        The layers are found lazily and remembered, so that a caller who
+        stops at the nearest match never looks at the deeper layers.
+        """
+        found = self._layers_memo.get(key)
+        if found is None:
+            if len(self._layers_memo) > _MAX_MEMO:
+                self._layers_memo.clear()
+            found = self._layers_memo[key] = _Layers(self._find_layers(key))
+        return found.iterate()
+
+    def _find_layers(self, key: Key) -> Iterator[int]:
+        if not key:
+            yield from range(len(self.lowers))
+            return
+        if self._upper_opaque_or_hidden(key):
+            return
+        for index in self.lower_layers(key[:-1]):
+            path = self._lower_path(index, key)
+            st = _lstat(path)
+            if st is None:
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                return
+            yield index
+            if self._is_opaque_lower(path):
+                return
 
     def _is_opaque_lower(self, path: str) -> bool:
         try:

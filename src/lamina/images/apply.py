@@ -49,19 +49,23 @@ class Outcome:
         return _MEDIA_TYPES.get(self.result.compression, "")
 
 
+# A layer directory, as a path string (from a mount's options) or a Path.
+LayerDir = str | os.PathLike[str]
+
+
 class _DeferredLowersTree(UpperTree):
     """An upper directory whose lower layers are fetched at the first lookup in them."""
 
     def __init__(
         self,
         upper: Path,
-        wait_lowers: Callable[[], Sequence[Path]],
+        wait_lowers: Callable[[], Sequence[LayerDir]],
         *,
         userxattr: bool,
         layer: str,
     ) -> None:
         super().__init__(upper, [], userxattr=userxattr, layer=layer)
-        self._wait_lowers: Callable[[], Sequence[Path]] | None = wait_lowers
+        self._wait_lowers: Callable[[], Sequence[LayerDir]] | None = wait_lowers
         self.waited = False
 
     def lower_entry(self, key: tuple[str, ...]) -> tuple[str, os.stat_result] | None:
@@ -85,7 +89,7 @@ def _mismatch(err: LayerDigestError, diff_id: str) -> DigestMismatchError:
 def apply_overlay(
     blob: io.RawIOBase,
     upper: Path,
-    lowers: Sequence[Path] | Callable[[], Sequence[Path]],
+    lowers: Sequence[LayerDir] | Callable[[], Sequence[LayerDir]],
     *,
     layer: str,
     diff_id: str,

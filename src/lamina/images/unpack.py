@@ -36,7 +36,7 @@ import logging
 import os
 import secrets
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -376,7 +376,9 @@ class Unpacker:
 
     # ------------------------------------------------------------ parallel
 
-    def _overlay_dirs(self, key: str, mounts: list[Mount]) -> tuple[Path, list[Path]]:
+    def _overlay_dirs(
+        self, key: str, mounts: list[Mount]
+    ) -> tuple[Path, Sequence[layer_apply.LayerDir]]:
         """Return the upper and lower directories of the new Active snapshot KEY.
 
         They are read from the mounts `prepare` returned, which saves a
@@ -389,7 +391,8 @@ class Unpacker:
             upper = mount.option_value("upperdir")
             lowers = mount.option_value("lowerdir")
             if mount.type == "overlay" and upper is not None and lowers is not None:
-                return Path(upper), [Path(p) for p in split_overlay_dirs(lowers)]
+                # Strings, not Paths: a deep stack has hundreds of layers.
+                return Path(upper), split_overlay_dirs(lowers)
         dirs = self.sn.snapshot_dirs(key)
         return dirs.fs, list(dirs.parents)
 
