@@ -85,9 +85,10 @@ class LayerBuilder:
         gid: int = 0,
         mtime: float = MTIME,
         xattrs: dict[str, bytes] | None = None,
+        pax: dict[str, str] | None = None,
     ) -> LayerBuilder:
         info = self._info(
-            name, tarfile.DIRTYPE, mode=mode, uid=uid, gid=gid, mtime=mtime, xattrs=xattrs, pax=None
+            name, tarfile.DIRTYPE, mode=mode, uid=uid, gid=gid, mtime=mtime, xattrs=xattrs, pax=pax
         )
         self._tar.addfile(info)
         return self

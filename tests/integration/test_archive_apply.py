@@ -595,12 +595,16 @@ def test_name_component_too_long_is_layer_error(tmp_path: Path) -> None:
 def test_out_of_range_metadata_is_layer_error(
     tmp_path: Path, records: dict[str, str], overlay: bool
 ) -> None:
-    layer = LayerBuilder().file("f", b"x", pax=records).tar()
     target = tmp_path / "target"
     target.mkdir()
-    with pytest.raises(LayerError) as caught:
-        if overlay:
-            apply_layer_to_upper(io.BytesIO(layer), target, [], layer="l")
-        else:
-            apply_layer(io.BytesIO(layer), target, layer="l")
-    assert caught.value.entry == "f"
+    for layer in (
+        LayerBuilder().file("f", b"x", pax=records).tar(),
+        # Directory times are set after the last entry, not with the entry.
+        LayerBuilder().dir("f", pax=records).tar(),
+    ):
+        with pytest.raises(LayerError) as caught:
+            if overlay:
+                apply_layer_to_upper(io.BytesIO(layer), target, [], layer="l")
+            else:
+                apply_layer(io.BytesIO(layer), target, layer="l")
+        assert caught.value.entry == "f"

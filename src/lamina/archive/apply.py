@@ -50,6 +50,9 @@ _LAYER_ERRNOS = (errno.ENAMETOOLONG, errno.EMLINK)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
+# The range of a 64-bit time_t, in seconds.
+_TIME_T_MIN, _TIME_T_MAX = -(2**63), 2**63 - 1
+
 # The types TarInfo.isreg accepts, old GNU sparse files included.
 _REGULAR_TYPES = frozenset(tarfile.REGULAR_TYPES)
 _SPECIAL_TYPES = frozenset((tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.FIFOTYPE))
@@ -298,6 +301,9 @@ class _Applier:
         self._set_fd_metadata(fd, member, times=False)
         self.tree.mode_changed(key)
         mtime = tarstream.mtime_ns(member)
+        if not _TIME_T_MIN <= mtime // 1_000_000_000 <= _TIME_T_MAX:
+            # Checked now, because directory times are set after the last entry.
+            raise ValueError(f"mtime {mtime} ns is out of range of time_t")
         self.dir_times[key] = (mtime, mtime)
 
     def _regular(self, parent_fd: int, key: Key, member: tarfile.TarInfo) -> None:
