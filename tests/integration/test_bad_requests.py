@@ -184,3 +184,16 @@ def test_root_and_socket_private(server: SnapshotServer, tmp_path: Path) -> None
     assert root_mode == 0o700
     assert snapshots_mode == 0o700
     assert socket_mode == 0o600
+
+
+def test_cli_unknown_option_shows_command_usage(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "lamina", "--root", str(tmp_path / "root")]
+    result = subprocess.run(
+        [*command, "snapshots", "ls", "--bogus"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("usage: lamina snapshots ls ")
+    assert "lamina snapshots ls: error: unrecognized arguments: --bogus" in result.stderr

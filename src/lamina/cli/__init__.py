@@ -46,7 +46,17 @@ def build_parser() -> argparse.ArgumentParser:
     images.register(commands, common)
     fsck.register(commands, common)
     serve.register(commands)
+    _remember_parsers(parser)
     return parser
+
+
+def _remember_parsers(parser: argparse.ArgumentParser) -> None:
+    """Record in each command's defaults its own parser, for errors argparse reports late."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                command.set_defaults(command_parser=command)
+                _remember_parsers(command)
 
 
 def configure_logging(level_name: str) -> None:
@@ -66,7 +76,11 @@ def _raise_terminated(signum: int, frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        # parse_args would print the top-level usage; the command's own is the useful one.
+        command_parser: argparse.ArgumentParser = getattr(args, "command_parser", parser)
+        command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     configure_logging(args.log_level)
     debug = args.log_level.lower() == "debug"
     # The server installs its own handlers to drain requests in flight.
