@@ -349,7 +349,12 @@ class LayerSnapshotter:
         crash_point("commit:committed")
 
         work = own / "work"
-        if work.exists():
+        try:
+            # Empty unless the snapshot was mounted; rmdir never crosses a mount.
+            os.rmdir(work)
+        except FileNotFoundError:
+            pass
+        except OSError:
             try:
                 dirs.remove_tree(work)
             except (OSError, LaminaError) as err:
