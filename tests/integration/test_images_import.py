@@ -156,6 +156,16 @@ def test_reimport_reuses_every_layer(store: LayerSnapshotter) -> None:
     assert again.image.config_digest == first.image.config_digest
 
 
+def test_docker_manifest_digest_same_when_layers_reused(store: LayerSnapshotter) -> None:
+    # A docker-archive has no manifest blob: the one Lamina writes for it must
+    # not depend on whether its layers were unpacked or reused.
+    first = import_image(store, image_archive("busybox", "docker"), name="first")
+    again = import_image(store, image_archive("busybox", "docker"), name="again")
+    assert again.created == []
+    assert again.image.manifest_digest == first.image.manifest_digest
+    assert again.image.size == first.image.size
+
+
 # ---------------------------------------------------------------- records
 
 

@@ -46,7 +46,12 @@ class Outcome:
 
     @property
     def media_type(self) -> str:
-        return _MEDIA_TYPES.get(self.result.compression, "")
+        return docker_layer_type(self.result.compression)
+
+
+def docker_layer_type(compression: str) -> str:
+    """Return the layer media type a docker-archive layer with COMPRESSION gets."""
+    return _MEDIA_TYPES.get(compression, "")
 
 
 # A layer directory, as a path string (from a mount's options) or a Path.

@@ -20,9 +20,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from lamina.archive import detect_compression
 from lamina.drivers import LayerSnapshotter
 from lamina.drivers import dirs as snapshot_dirs
 from lamina.errors import FailedPreconditionError, LaminaError, NotFoundError
+from lamina.images.apply import docker_layer_type
 from lamina.images.digest import chain_ids, sha256_digest
 from lamina.images.locks import LOCKS_DIR, ChainLock, delete_lock_files
 from lamina.images.oci import Platform
@@ -109,9 +111,15 @@ def import_image(
         )
         with Unpacker(sn, source, image, name=image_name, jobs=jobs, progress=progress) as unpacker:
             unpacked = unpacker.unpack()
+            # Layers reused from the store were not read. Hash them, and for a
+            # docker-archive detect their compression, from the archive.
             digests = [
-                digest if digest is not None else _file_digest(source, layer.path)
+                digest or _file_digest(source, layer.path)
                 for digest, layer in zip(unpacked.layer_digests, image.layers, strict=True)
+            ]
+            layer_types = [
+                layer_type or docker_layer_type(_blob_compression(source, layer.path))
+                for layer_type, layer in zip(unpacked.media_types, image.layers, strict=True)
             ]
             manifest_digest = image.manifest_digest
             manifest_size = image.manifest_size
@@ -119,7 +127,7 @@ def import_image(
             if image.archive_format == DOCKER or manifest_digest is None:
                 layers = tuple(
                     dataclasses.replace(layer, media_type=layer_type)
-                    for layer, layer_type in zip(image.layers, unpacked.media_types, strict=True)
+                    for layer, layer_type in zip(image.layers, layer_types, strict=True)
                 )
                 document = dataclasses.replace(image, layers=layers).docker_manifest(digests)
                 manifest_digest = sha256_digest(document)
@@ -162,6 +170,13 @@ def _file_digest(source: Source, path: str) -> str:
         while chunk := reader.read(1 << 20):
             hasher.update(chunk)
     return "sha256:" + hasher.hexdigest()
+
+
+def _blob_compression(source: Source, path: str) -> str:
+    """Return the compression of blob PATH ("none", "gzip" or "zstd") from its first bytes."""
+    with source.open(path) as reader:
+        head = reader.read(4)
+    return detect_compression(head).value
 
 
 # ---------------------------------------------------------------- reading
