@@ -197,3 +197,21 @@ def test_cli_unknown_option_shows_command_usage(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.startswith("usage: lamina snapshots ls ")
     assert "lamina snapshots ls: error: unrecognized arguments: --bogus" in result.stderr
+
+
+def test_cli_missing_inputs_are_named_with_a_hint(tmp_path: Path) -> None:
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    root = str(tmp_path / "root")
+    cases = [
+        (["--root", str(not_a_folder), "snapshots", "ls"], 3, "the root is not a directory"),
+        (["--root", root, "images", "import", str(tmp_path / "nope.tar")], 4, "nope.tar"),
+        (["--root", root, "rootfs", "prepare", "nope", "c1"], 4, "lamina images ls"),
+    ]
+    for args, status, text in cases:
+        result = subprocess.run(
+            [sys.executable, "-m", "lamina", *args], capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == status, args
+        assert text in result.stderr, args
+        assert len(result.stderr.strip().splitlines()) == 1, args

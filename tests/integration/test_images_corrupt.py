@@ -277,7 +277,7 @@ def test_not_an_image_archive(store: LayerSnapshotter, tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(InvalidImageError):
         import_image(store, tmp_path / "empty")
-    with pytest.raises(InvalidImageError):
+    with pytest.raises(NotFoundError):
         import_image(store, tmp_path / "does-not-exist.tar")
     assert_nothing_left(store)
 

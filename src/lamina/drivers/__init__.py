@@ -37,6 +37,12 @@ def open_snapshotter(
             subject=driver,
         )
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise InvalidArgumentError(
+            f"open {root}: the root is not a directory; give --root a directory, new or "
+            "created by Lamina",
+            subject=str(root),
+        )
     recorded = _recorded_driver(root)
     if recorded is not None and driver is not None and recorded != driver:
         raise FailedPreconditionError(

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from lamina.errors import NotFoundError
 from lamina.images import compression
 from lamina.images.errors import InvalidImageError
 
@@ -291,8 +292,10 @@ def open_source(path: Path, scratch: Path) -> Iterator[Source]:
         with open(path, "rb") as file:
             head = file.read(compression.MAGIC_LENGTH)
     except FileNotFoundError:
-        raise InvalidImageError(
-            f"import {path}: no such file or folder", subject=str(path)
+        raise NotFoundError(
+            f"import {path}: archive not found; give the path of an OCI layout folder, "
+            "an oci-archive or a docker-archive",
+            subject=str(path),
         ) from None
     except OSError as err:
         raise InvalidImageError(f"import {path}: {err.strerror}", subject=str(path)) from err

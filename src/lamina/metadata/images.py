@@ -100,7 +100,10 @@ def get_image(tx: Transaction, name: str, operation: str) -> ImageRecord:
     """Return the record of image NAME; NotFoundError if there is none."""
     record = find_image(tx, name)
     if record is None:
-        raise NotFoundError(f"{operation} {name!r}: image does not exist", subject=name)
+        raise NotFoundError(
+            f"{operation} {name!r}: image does not exist; 'lamina images ls' lists the images",
+            subject=name,
+        )
     return record
 
 
