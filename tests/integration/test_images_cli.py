@@ -66,9 +66,13 @@ def test_images_commands(
     assert status == 0, err
     assert not is_mountpoint(view)
 
-    status, out, _ = run(capsys, *root, "images", "rm", "bb", "bb2", "bb3", "--json")
+    status, out, _ = run(capsys, *root, "images", "rm", "bb", "bb2", "--json")
     assert status == 0
-    assert json.loads(out)[2]["removed_snapshots"] == []  # the container c1 still needs it
+    assert json.loads(out)[1]["removed_snapshots"] == []  # bb3 still needs it
+    status, out, _ = run(capsys, *root, "images", "rm", "bb3")
+    assert status == 0
+    # The container c1 still needs the image's only layer.
+    assert out.startswith("bb3: removed, with 0 of its 1 layers; 1 stay while a container")
 
     status, _, err = run(capsys, *root, "images", "inspect", "bb")
     assert status == NotFoundError.exit_code
@@ -79,6 +83,9 @@ def test_images_commands(
     status, out, _ = run(capsys, *root, "images", "prune", "--json")
     assert status == 0
     assert json.loads(out)["removed"] == [imported["chain_id"]]
+    status, out, _ = run(capsys, *root, "images", "prune")
+    assert status == 0
+    assert out == "nothing to prune\n"
 
 
 def test_import_rejects_bad_options(capsys: pytest.CaptureFixture[str], lamina_root: Path) -> None:

@@ -256,8 +256,10 @@ def inspect_command(args: argparse.Namespace) -> int:
 def remove_command(args: argparse.Namespace) -> int:
     sn = open_from_args(args)
     removed: dict[str, list[str]] = {}
+    layer_counts: dict[str, int] = {}
     try:
         for name in args.names:
+            layer_counts[name] = len(images.get_image(sn, name, "images rm").diff_ids)
             removed[name] = images.remove_image(sn, name)
     finally:
         sn.close()
@@ -265,7 +267,11 @@ def remove_command(args: argparse.Namespace) -> int:
         print_json([{"name": n, "removed_snapshots": s} for n, s in removed.items()])
     else:
         for name, snapshots in removed.items():
-            print(f"{name}: removed, with {len(snapshots)} snapshots")
+            line = f"{name}: removed, with {len(snapshots)} of its {layer_counts[name]} layers"
+            kept = layer_counts[name] - len(snapshots)
+            if kept:
+                line += f"; {kept} stay while a container or another image uses them"
+            print(line)
     return 0
 
 
@@ -277,6 +283,8 @@ def prune_command(args: argparse.Namespace) -> int:
         sn.close()
     if args.json:
         print_json({"removed": removed})
+    elif not removed:
+        print("nothing to prune")
     else:
         for item in removed:
             print(item)
