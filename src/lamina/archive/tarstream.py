@@ -194,9 +194,9 @@ _PLAIN_TYPES = frozenset(
 _REGULAR_TYPES = frozenset((tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE))
 
 
-# What tarfile raises for a malformed header: its own errors, ValueError for
-# bad numbers and encodings, OverflowError for a PAX record length too large
-# to index with, IndexError for a GNU sparse map cut short.
+# The exceptions tarfile raises for a malformed header: its own errors,
+# ValueError for bad numbers and encodings, OverflowError for a PAX record
+# length too large to index with, IndexError for a GNU sparse map cut short.
 _HEADER_ERRORS = (tarfile.TarError, ValueError, OverflowError, IndexError)
 
 
@@ -337,7 +337,7 @@ MAX_ID = 2**32 - 2
 
 
 def _header_error(err: Exception, layer: str | None) -> LayerError:
-    # tarfile's IndexError says only "index out of range".
+    # tarfile's IndexError message is only "index out of range".
     detail = "header data ends early" if isinstance(err, IndexError) else str(err)
     return LayerError(f"invalid tar header: {detail}", layer=layer)
 
@@ -354,12 +354,12 @@ def _check_member(member: tarfile.TarInfo, layer: str | None) -> None:
             reason = f"{what} {value} is out of range (0 to {MAX_ID})"
             raise LayerError(reason, layer=layer, entry=member.name)
     if "\0" in member.name:
-        raise LayerError("the entry name holds a NUL byte", layer=layer, entry=member.name)
+        raise LayerError("the entry name contains a NUL byte", layer=layer, entry=member.name)
     if "\0" in member.linkname:
-        raise LayerError("the link target holds a NUL byte", layer=layer, entry=member.name)
+        raise LayerError("the link target contains a NUL byte", layer=layer, entry=member.name)
     for keyword in member.pax_headers or ():
         if keyword.startswith("SCHILY.xattr.") and "\0" in keyword:
-            raise LayerError("the xattr name holds a NUL byte", layer=layer, entry=member.name)
+            raise LayerError("the xattr name contains a NUL byte", layer=layer, entry=member.name)
 
 
 class _Prefixed:

@@ -268,9 +268,9 @@ def remove_command(args: argparse.Namespace) -> int:
     else:
         for name, snapshots in removed.items():
             line = f"{name}: removed, with {len(snapshots)} of its {layer_counts[name]} layers"
-            kept = layer_counts[name] - len(snapshots)
-            if kept:
-                line += f"; {kept} stay while a container or another image uses them"
+            still_used = layer_counts[name] - len(snapshots)
+            if still_used:
+                line += f"; {still_used} stay while a container or another image uses them"
             print(line)
     return 0
 

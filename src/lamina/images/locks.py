@@ -17,9 +17,9 @@ flock locks end with the process, so a crashed import holds nothing.
 
 The process that removes the snapshot of a chain id deletes its two files
 while it holds both exclusively. A process that was waiting on a deleted
-file gets its lock on an inode no other process will open again, so every
-lock call checks, once it holds the lock, that the file is still linked
-under its name, and otherwise opens the name anew and locks again.
+file then gets its lock on an inode that no other process will open again.
+So every lock call checks, once it holds the lock, that the file is still
+linked under its name. If not, it opens the name anew and locks again.
 """
 
 from __future__ import annotations
