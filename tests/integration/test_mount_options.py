@@ -144,7 +144,7 @@ def image(
 
 
 def _run_as_nobody(program: Path) -> str:
-    """Run PROGRAM as user nobody; return what it printed.
+    """Run PROGRAM as the unprivileged user nobody (uid 65534); return its output.
 
     The test folder is private to root, so the program is run through a
     descriptor that root opened: /proc/self/fd/N needs no search permission

@@ -349,9 +349,9 @@ def _check_member(member: tarfile.TarInfo, layer: str | None) -> None:
     and no file system name can. Base-256 and PAX ids may be negative or
     larger than 32 bits.
     """
-    for what, value in (("uid", member.uid), ("gid", member.gid)):
+    for field, value in (("uid", member.uid), ("gid", member.gid)):
         if not 0 <= value <= MAX_ID:
-            reason = f"{what} {value} is out of range (0 to {MAX_ID})"
+            reason = f"{field} {value} is out of range (0 to {MAX_ID})"
             raise LayerError(reason, layer=layer, entry=member.name)
     if "\0" in member.name:
         raise LayerError("the entry name contains a NUL byte", layer=layer, entry=member.name)
