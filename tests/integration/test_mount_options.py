@@ -2,9 +2,9 @@
 
 containerd mounts container root filesystems without nosuid or nodev, since
 images ship setuid programs (su, passwd, ping) and device nodes. The first
-test builds the same stack in containerd 1.6's overlayfs snapshotter (with
-`ctr snapshots`) and in Lamina, and compares the mount type and options of
-each kind of snapshot, paths aside. The others mount a Lamina snapshot
+test builds the same stack in containerd 1.6's overlayfs snapshotter
+(through containerd's snapshots API) and in Lamina, and compares the mount
+type and options of each kind of snapshot, paths aside. The others mount a Lamina snapshot
 whose layer contains a setuid-root program and a device node, and use both as
 an unprivileged user would.
 """
@@ -12,7 +12,6 @@ an unprivileged user would.
 from __future__ import annotations
 
 import os
-import shlex
 import shutil
 import subprocess
 import tarfile
@@ -20,18 +19,23 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from containerd_fixture import Containerd, containerd  # noqa: F401 - the session fixture
+from containerd_fixture import (  # noqa: F401 - the session fixture
+    NAMESPACE,
+    Containerd,
+    containerd,
+)
 from hostile_layers import LayerBuilder
 
 from lamina.cli.archive import apply_to_snapshot
 from lamina.drivers import LayerSnapshotter, open_snapshotter
 from lamina.mount import temporary_mount
+from lamina.service.client import RemoteSnapshotter
 from lamina.snapshots.types import Mount
 
 PATH_OPTIONS = ("lowerdir", "upperdir", "workdir")
 NOBODY = 65534
 
-# Each case: the snapshot's key, and the ctr sub-command and arguments that create it.
+# Each case: the snapshot's key, and the snapshotter method and parent that create it.
 STACK = [
     ("active-root", ["prepare"]),
     ("view-one-parent", ["view", "PARENT1"]),
@@ -46,53 +50,39 @@ def _general(options: list[str] | tuple[str, ...]) -> list[str]:
     return sorted(o.partition("=")[0] if o.startswith(PATH_OPTIONS) else o for o in options)
 
 
-def _containerd_mount(daemon: Containerd, key: str) -> tuple[str, list[str]]:
-    command = shlex.split(
-        daemon.ctr("snapshots", "--snapshotter", "overlayfs", "mounts", "/mnt", key)
-    )
-    # mount -t TYPE SOURCE TARGET -o OPTIONS
-    assert command[:2] == ["mount", "-t"], command
-    return command[2], command[command.index("-o") + 1].split(",")
-
-
 def test_mount_options_match_containerd(
     containerd: Containerd,  # noqa: F811 - the fixture imported above
     tmp_path: Path,
 ) -> None:
-    prefix = f"options-{tmp_path.name}-"
-    sn = open_snapshotter(tmp_path / "root", "overlay")
-    created: list[str] = []
-
-    def ctr_snapshots(*args: str) -> str:
-        return containerd.ctr("snapshots", "--snapshotter", "overlayfs", *args)
-
+    # containerd's garbage collector removes snapshots that nothing refers to
+    # (a View, or a layer between its commit and its first child) unless a
+    # lease holds them, so containerd's side works inside one.
+    lease = f"options-{tmp_path.name}"
+    containerd.ctr("leases", "create", "--id", lease, "--expires", "0")
+    theirs = RemoteSnapshotter(
+        str(containerd.socket), snapshotter="overlayfs", namespace=NAMESPACE, lease=lease
+    )
+    ours = open_snapshotter(tmp_path / "root", "overlay")
     try:
         # Two committed layers in both snapshotters: PARENT1, and PARENT2 on it.
         for name, parent in (("PARENT1", ""), ("PARENT2", "PARENT1")):
-            ctr_snapshots(
-                "prepare", prefix + name + "-active", *([prefix + parent] if parent else [])
-            )
-            created.append(prefix + name + "-active")
-            ctr_snapshots("commit", prefix + name, prefix + name + "-active")
-            created[-1] = prefix + name
-            sn.prepare(name + "-active", parent)
-            sn.commit(name, name + "-active")
+            for sn in (theirs, ours):
+                sn.prepare(name + "-active", parent)
+                sn.commit(name, name + "-active")
 
         for key, (verb, *parents) in STACK:
-            ctr_snapshots(verb, prefix + key, *(prefix + p for p in parents))
-            created.append(prefix + key)
-            create = sn.prepare if verb == "prepare" else sn.view
-            create(key, *parents)
-
-            ctr_type, ctr_options = _containerd_mount(containerd, prefix + key)
-            [ours] = sn.mounts(key)
-            assert ours.type == ctr_type, key
-            assert _general(ours.options) == _general(ctr_options), key
-            assert not {"nosuid", "nodev", "noexec"} & set(ours.options)
+            their_mounts = getattr(theirs, verb)(key, *parents)
+            our_mounts = getattr(ours, verb)(key, *parents)
+            assert len(their_mounts) == len(our_mounts) == 1, key
+            assert our_mounts[0].type == their_mounts[0].type, key
+            assert _general(our_mounts[0].options) == _general(their_mounts[0].options), key
+            assert not {"nosuid", "nodev", "noexec"} & set(our_mounts[0].options), key
+            assert our_mounts == ours.mounts(key), key
     finally:
-        sn.close()
-        for key in reversed(created):
-            containerd.run_ctr("snapshots", "--snapshotter", "overlayfs", "rm", key)
+        ours.close()
+        theirs.close()
+        # Without the lease, containerd's garbage collector removes what it held.
+        containerd.run_ctr("leases", "rm", "--sync", lease)
 
 
 # ---------------------------------------------------------------- setuid programs and devices
